@@ -1,0 +1,181 @@
+"""Run configuration: defaults, YAML files, ``section.key=value`` overrides, and their validation.
+
+A config has four sections: ``data``, ``model``, ``train`` and ``method``. The method section holds
+``name`` and that method's hyper-parameters (``mie methods`` lists them).
+"""
+import copy
+from pathlib import Path
+
+import yaml
+
+from .errors import MieInputError
+from .methods import method_params
+
+DEFAULTS = {
+    "data": {
+        "dataset": None,        # a built-in dataset name (mie datasets) ...
+        "path": None,           # ... or a user's .npz file
+        "modalities": None,     # list of names; default: the dataset's usual pair / all x_* of an npz
+        "standardize": True,    # z-score per feature (vectors) or channel, with train statistics
+        "val_fraction": 0.15,   # without a split array: stratified 70/15/15 from the seed
+        "test_fraction": 0.15,
+        "carve_val": 0.2,       # a split without validation: this fraction of train becomes validation
+        "num_classes": None,    # default: max label + 1
+    },
+    "model": {
+        "dim": 256,                 # encoder output size d, shared by all modalities
+        "encoders": {},             # modality → encoder name; default chosen from the sample's rank
+        "head_hidden": [256, 64],   # MIE's head: FC(d,256) → ReLU → FC(256,64) → FC(64,K)
+    },
+    "train": {
+        "epochs": 30,           # epoch budget per modality (the same for every method)
+        "batch_size": 64,
+        "optimizer": "adam",    # adam | adamw | sgd
+        "lr": 1.0e-3,
+        "momentum": 0.9,        # sgd only
+        "weight_decay": 1.0e-4,
+        "seed": 0,
+        "device": "auto",       # auto | cpu | cuda | cuda:N
+        "num_workers": 0,
+        "select_on": "accuracy",   # validation metric that chooses the checkpoint: accuracy | macro_f1 | map
+    },
+    "method": {"name": "mie"},
+}
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SELECT_ON = ("accuracy", "macro_f1", "map")
+
+
+def default_config():
+    return copy.deepcopy(DEFAULTS)
+
+
+def read_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise MieInputError(f"no such config file: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MieInputError(f"cannot parse {path} as YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise MieInputError(f"{path} must hold a mapping of sections (data, model, train, method)")
+    return cfg
+
+
+def parse_override(text):
+    """'train.lr=0.01' → (['train', 'lr'], 0.01); the value is read as YAML."""
+    if "=" not in text:
+        raise MieInputError(f"cannot read override '{text}'; expected section.key=value, e.g. train.lr=0.01")
+    key, value = text.split("=", 1)
+    try:
+        value = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        raise MieInputError(f"cannot read the value of override '{text}'") from None
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise MieInputError(f"override key '{key}' must be section.key, e.g. train.lr or method.tau")
+    return parts, value
+
+
+def merge(base, update):
+    """Recursively merge ``update`` into a copy of ``base``."""
+    out = copy.deepcopy(base)
+    for k, v in (update or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and out.get(k):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def build_config(config=None, overrides=(), **sections):
+    """Defaults ← ``config`` (a YAML path or a dict of sections) ← ``sections`` (e.g.
+    train={"seed": 1}; None values are ignored) ← ``overrides`` ('train.lr=0.01'); validated.
+
+    A method named in ``sections`` that differs from the config's method replaces that section.
+    """
+    cfg = default_config()
+    if config is not None:
+        cfg = merge(cfg, config if isinstance(config, dict) else read_yaml(config))
+    for name, values in sections.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if name == "method" and values.get("name", cfg["method"].get("name")) != cfg["method"].get("name"):
+            cfg["method"] = {}
+        cfg = merge(cfg, {name: values})
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = cfg
+        for p in parts[:-1]:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise MieInputError(f"override '{text}': '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return validate(cfg)
+
+
+def _check_type(where, value, default):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise MieInputError(f"{where} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MieInputError(f"{where} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MieInputError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise MieInputError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def validate(cfg):
+    """Reject unknown sections and keys, wrong types and impossible values; fill method defaults."""
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise MieInputError(f"unknown config section(s) {', '.join(unknown)}; expected: {', '.join(DEFAULTS)}")
+    for section in ("data", "model", "train"):
+        if not isinstance(cfg[section], dict):
+            raise MieInputError(f"config section '{section}' must be a mapping")
+        for key, value in cfg[section].items():
+            if key not in DEFAULTS[section]:
+                raise MieInputError(f"unknown config key '{section}.{key}'; expected one of: "
+                                    f"{', '.join(DEFAULTS[section])}")
+            cfg[section][key] = _check_type(f"{section}.{key}", value, DEFAULTS[section][key])
+    method = cfg["method"]
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        raise MieInputError("config section 'method' must be a mapping with a 'name', e.g. {name: mie}")
+    params = method_params(method["name"])
+    for key, value in method.items():
+        if key == "name":
+            continue
+        if key not in params:
+            raise MieInputError(f"unknown config key 'method.{key}' for method '{method['name']}'; "
+                                f"expected one of: {', '.join(params) or '(none)'}")
+        method[key] = _check_type(f"method.{key}", value, params[key])
+    cfg["method"] = {"name": method["name"], **{k: method.get(k, v) for k, v in params.items()}}
+    data, train = cfg["data"], cfg["train"]
+    if data["modalities"] is not None:
+        if isinstance(data["modalities"], str):
+            data["modalities"] = [m.strip() for m in data["modalities"].split(",") if m.strip()]
+        if not isinstance(data["modalities"], list) or not data["modalities"]:
+            raise MieInputError("data.modalities must be a list of modality names, e.g. [pix, zer]")
+    if train["optimizer"] not in OPTIMIZERS:
+        raise MieInputError(f"train.optimizer '{train['optimizer']}' is not one of: {', '.join(OPTIMIZERS)}")
+    if train["select_on"] not in SELECT_ON:
+        raise MieInputError(f"train.select_on '{train['select_on']}' is not one of: {', '.join(SELECT_ON)}")
+    for key in ("epochs", "batch_size"):
+        if train[key] < 1:
+            raise MieInputError(f"train.{key} must be >= 1, got {train[key]}")
+    if train["lr"] <= 0:
+        raise MieInputError(f"train.lr must be > 0, got {train['lr']}")
+    if not isinstance(cfg["model"]["encoders"], dict):
+        raise MieInputError("model.encoders must map modality names to encoder names, e.g. {pix: mlp}")
+    return cfg
+
+
+def dump(cfg):
+    return yaml.safe_dump(cfg, sort_keys=False)

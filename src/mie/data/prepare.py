@@ -1,0 +1,79 @@
+"""From a config and some data to the three torch Datasets a run trains and evaluates on."""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import MieInputError
+from .arrays import MultimodalArrays, load_npz
+from .splits import resolve_split
+from .standardize import apply_standardizer, fit_standardizer
+from .torch_dataset import ArrayDataset
+
+
+@dataclass
+class PreparedData:
+    datasets: dict            # {"train", "val", "test"} → Dataset of ({m: tensor}, label)
+    modalities: list
+    input_shapes: dict        # modality → shape of one sample
+    num_classes: int
+    name: str
+    split_how: str = ""
+    indices: dict = None      # split → indices into the original arrays (array data only)
+    standardizer: dict = field(default_factory=dict)   # modality → (mean, std)
+    classes: list = None
+
+
+def load_arrays(cfg, data=None):
+    """The run's arrays: ``data`` itself, an npz path, or cfg data.path / data.dataset."""
+    from . import load_dataset  # the registry imports this module's siblings
+    d = cfg["data"]
+    if isinstance(data, MultimodalArrays):
+        arrays = data
+    elif isinstance(data, str) or d["path"]:
+        arrays = load_npz(data if isinstance(data, str) else d["path"])
+    elif d["dataset"]:
+        return load_dataset(d["dataset"], d["modalities"])
+    else:
+        raise MieInputError("no data: give --data FILE.npz or --dataset NAME (see `mie datasets`)")
+    return arrays.select(d["modalities"]) if d["modalities"] else arrays
+
+
+def prepare_arrays(arrays, cfg, standardizer=None):
+    """Split (train/val/test), standardise with train statistics, wrap as Datasets."""
+    d, seed = cfg["data"], cfg["train"]["seed"]
+    if d["num_classes"] is not None:
+        if arrays.num_classes > d["num_classes"] or (arrays.classes and len(arrays.classes) != d["num_classes"]):
+            raise MieInputError(f"data.num_classes={d['num_classes']} but the labels need {arrays.num_classes}")
+        arrays.classes = arrays.classes or [str(c) for c in range(d["num_classes"])]
+    indices, how = resolve_split(arrays, seed, d["val_fraction"], d["test_fraction"], d["carve_val"])
+    if standardizer is None:
+        standardizer = ({m: fit_standardizer(a[indices["train"]]) for m, a in arrays.x.items()}
+                        if d["standardize"] else {})
+    datasets = {}
+    for split, idx in indices.items():
+        x = {m: (apply_standardizer(a[idx], standardizer[m]) if m in standardizer else a[idx])
+             for m, a in arrays.x.items()}
+        datasets[split] = ArrayDataset(x, arrays.y[idx])
+    return PreparedData(datasets, arrays.modalities, {m: a.shape[1:] for m, a in arrays.x.items()},
+                        arrays.num_classes, arrays.name, how, indices, standardizer,
+                        arrays.classes or [str(c) for c in range(arrays.num_classes)])
+
+
+def prepare_datasets(datasets, cfg):
+    """Use a user's own Datasets {"train", "val", "test"}, each yielding ({m: tensor}, label)."""
+    missing = [s for s in ("train", "val", "test") if s not in datasets]
+    if missing:
+        raise MieInputError(f"datasets must have the keys train, val and test; missing {', '.join(missing)}")
+    first, _ = datasets["train"][0]
+    if not isinstance(first, dict) or not first:
+        raise MieInputError("each sample must be ({modality: tensor}, label)")
+    modalities = cfg["data"]["modalities"] or list(first)
+    unknown = [m for m in modalities if m not in first]
+    if unknown:
+        raise MieInputError(f"unknown modality {', '.join(unknown)}; the samples have {', '.join(first)}")
+    k = cfg["data"]["num_classes"] or getattr(datasets["train"], "num_classes", None)
+    if k is None:
+        k = 1 + max(int(torch.as_tensor(datasets["train"][i][1])) for i in range(len(datasets["train"])))
+    return PreparedData(dict(datasets), modalities, {m: tuple(np.shape(first[m])) for m in modalities},
+                        int(k), "datasets", "the given train/val/test datasets")

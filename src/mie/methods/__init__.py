@@ -1,0 +1,43 @@
+"""Method registry: ``create_method("mie", tau=0.4)``; ``METHODS`` maps each name to its class and
+fixed settings. A method is one file; registering it here is all the training loop needs."""
+from ..errors import MieInputError
+from .base import Method
+from .joint import Joint
+from .mie import MIE
+
+# name → (class, fixed hyper-parameters, one-line description)
+METHODS = {
+    "joint": (Joint, {}, "joint training, late fusion of logits, one cross-entropy"),
+    "mie": (MIE, {}, "MIE: alternating unimodal stages + SAM + flat gradient modification"),
+    "mie_sam_only": (MIE, {"gm": False}, "MIE ablation: alternating stages + SAM, no GM"),
+    "mie_gm_only": (MIE, {"sam": False}, "MIE ablation: alternating stages + GM, no SAM"),
+    "alternating": (MIE, {"sam": False, "gm": False}, "plain alternating unimodal training (no SAM, no GM)"),
+}
+
+
+def method_params(name):
+    """The hyper-parameters a user may set for method ``name``, with their defaults."""
+    cls, fixed, _ = _lookup(name)
+    return {k: v for k, v in cls.params().items() if k not in fixed}
+
+
+def create_method(name, **params):
+    """Instantiate method ``name`` with hyper-parameters ``params`` (unknown ones are an error)."""
+    cls, fixed, _ = _lookup(name)
+    allowed = method_params(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise MieInputError(f"unknown parameter(s) {', '.join(unknown)} for method '{name}'; "
+                            f"expected some of: {', '.join(sorted(allowed)) or '(none)'}")
+    method = cls(**{**params, **fixed})
+    method.name = name
+    return method
+
+
+def _lookup(name):
+    if name not in METHODS:
+        raise MieInputError(f"unknown method '{name}'; expected one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["Method", "METHODS", "create_method", "method_params"]

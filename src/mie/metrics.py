@@ -1,0 +1,31 @@
+"""Classification metrics: accuracy, macro-F1, MAP (mean over classes of average precision),
+and each modality's own accuracy, so that imbalance between modalities is visible."""
+import numpy as np
+from sklearn.metrics import average_precision_score, f1_score
+
+
+def accuracy(probs, y):
+    """probs (N, K), y (N,) → fraction of argmax predictions equal to y."""
+    return float(np.mean(np.argmax(probs, axis=1) == y))
+
+
+def macro_f1(probs, y, num_classes):
+    return float(f1_score(y, np.argmax(probs, axis=1), labels=np.arange(num_classes), average="macro",
+                          zero_division=0))
+
+
+def mean_average_precision(probs, y):
+    """Mean over the classes present in y of the average precision of ranking by probs[:, c]."""
+    present = np.unique(y)
+    return float(np.mean([average_precision_score(y == c, probs[:, c]) for c in present]))
+
+
+def classification_metrics(fused, per_modality, y):
+    """fused (N, K) probabilities, per_modality {m: (N, K)}, y (N,) → the metrics dict of a run."""
+    k = fused.shape[1]
+    return {"accuracy": accuracy(fused, y),
+            "macro_f1": macro_f1(fused, y, k),
+            "map": mean_average_precision(fused, y),
+            "per_modality": {m: {"accuracy": accuracy(p, y), "macro_f1": macro_f1(p, y, k)}
+                             for m, p in per_modality.items()},
+            "n": int(len(y))}

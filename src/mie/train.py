@@ -1,0 +1,286 @@
+"""The training loop, the same for every method: epochs, validation, checkpoints, logs, resume.
+
+    data  → three Datasets (train / val / test) of ({modality: tensor}, label)
+    model = method.build_model(spec); method.setup(model, ctx)
+    for each epoch: method.train_step(batch) …; method.end_epoch(); evaluate on validation;
+                    keep the best checkpoint by validation; write history.csv and last.pt
+    test is evaluated once, at the end, with the checkpoint validation chose.
+"""
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import config as config_mod
+from .data.prepare import load_arrays, prepare_arrays, prepare_datasets
+from .errors import MieInputError
+from .io import atomic_path, save_torch, write_json, write_text
+from .methods import create_method
+from .metrics import classification_metrics
+from .models import ModelSpec, default_encoder
+
+
+@dataclass
+class TrainContext:
+    """What the loop offers a method during ``setup``."""
+    modalities: list
+    device: torch.device
+    make_optimizer: callable     # params → torch.optim.Optimizer configured from train.*
+    train_batches: callable      # () → iterator over unshuffled training batches (xs, y) on device
+    epochs_per_modality: int
+    steps_per_epoch: int
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MieInputError(f"train.device '{name}' is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MieInputError(f"train.device is '{name}' but CUDA is not available here; use cpu or auto")
+    return device
+
+
+def optimizer_factory(train):
+    def make(params):
+        params = list(params)
+        if train["optimizer"] == "sgd":
+            return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"],
+                                   weight_decay=train["weight_decay"])
+        cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
+        return cls(params, lr=train["lr"], weight_decay=train["weight_decay"])
+    return make
+
+
+def to_device(batch, device, modalities):
+    xs, y = batch
+    return {m: xs[m].to(device, non_blocking=True) for m in modalities}, y.to(device, non_blocking=True)
+
+
+def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0):
+    """Evaluation loaders keep every sample; the training loader drops a last batch of one
+    sample (BatchNorm cannot train on it) and nothing else."""
+    drop_last = shuffle and len(dataset) % batch_size == 1
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, drop_last=drop_last)
+
+
+@torch.no_grad()
+def predict_all(method, data_loader, device, modalities):
+    """Fused (N, K) and per-modality {m: (N, K)} probabilities, and labels (N,), over a loader."""
+    method.model.eval()
+    fused, per, ys = [], {m: [] for m in modalities}, []
+    for batch in data_loader:
+        xs, y = to_device(batch, device, modalities)
+        f, p = method.predict(xs)
+        fused.append(f.float().cpu())
+        for m in modalities:
+            per[m].append(p[m].float().cpu())
+        ys.append(y.cpu())
+    return (torch.cat(fused).numpy(), {m: torch.cat(v).numpy() for m, v in per.items()},
+            torch.cat(ys).numpy())
+
+
+def evaluate(method, data_loader, device, modalities):
+    """The metrics dict (accuracy, macro_f1, map, per_modality) of ``method`` on a loader."""
+    fused, per, y = predict_all(method, data_loader, device, modalities)
+    return classification_metrics(fused, per, y)
+
+
+def _history_csv(rows):
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _flat_val(metrics):
+    row = {f"val_{k}": metrics[k] for k in ("accuracy", "macro_f1", "map")}
+    row.update({f"val_acc_{m}": v["accuracy"] for m, v in metrics["per_modality"].items()})
+    return row
+
+
+def _tensorboard(out_dir, purge_step):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge_step)
+
+
+def fit(data=None, method=None, *, config=None, out_dir=None, resume=False, seed=None, epochs=None,
+        callbacks=(), progress=None, **method_params):
+    """Train ``method`` on ``data`` with model selection on validation; return the run's metrics.
+
+    data:    a ``MultimodalArrays``, a path to an .npz, a dict {"train", "val", "test"} of Datasets
+             yielding ({modality: tensor}, label), or None to use the config's data section.
+    method:  a registered name (``mie.METHODS``); ``method_params`` are its hyper-parameters.
+    config:  a YAML path or a dict of sections (data, model, train, method); see ``mie.config``.
+    out_dir: where metrics.json, history.csv, config.yaml, checkpoints/ and tensorboard/ go
+             (None: nothing is written). ``resume=True`` continues from out_dir/checkpoints/last.pt.
+    callbacks: functions ``f(epoch, row)`` called after each epoch's history row is written.
+
+    Returns {"method", "method_params", "seed", "val", "test", "seconds", …} with "test" from
+    the checkpoint chosen on validation; ``test["per_modality"][m]["accuracy"]`` per modality.
+    """
+    sections = {"train": {"seed": seed, "epochs": epochs}}
+    if method is not None or method_params:
+        sections["method"] = {"name": method, **method_params}
+    cfg = config_mod.build_config(config, (), **sections)
+    return run(cfg, data, out_dir=out_dir, resume=resume, callbacks=callbacks, progress=progress)
+
+
+def prepare(cfg, data=None):
+    if isinstance(data, dict):
+        return prepare_datasets(data, cfg)
+    return prepare_arrays(load_arrays(cfg, data), cfg)
+
+
+def model_spec(cfg, prepared):
+    encoders = dict(cfg["model"]["encoders"])
+    unknown = sorted(set(encoders) - set(prepared.modalities))
+    if unknown:
+        raise MieInputError(f"model.encoders names unknown modality {', '.join(unknown)}; "
+                            f"the data has {', '.join(prepared.modalities)}")
+    for m in prepared.modalities:
+        encoders.setdefault(m, default_encoder(prepared.input_shapes[m]))
+    return ModelSpec(prepared.modalities, {m: tuple(s) for m, s in prepared.input_shapes.items()},
+                     encoders, prepared.num_classes, cfg["model"]["dim"], tuple(cfg["model"]["head_hidden"]))
+
+
+def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=None):
+    """``fit`` with an already-validated config; the CLI and ``mie compare`` call this."""
+    train_cfg, mcfg = cfg["train"], dict(cfg["method"])
+    seed = train_cfg["seed"]
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    device = resolve_device(train_cfg["device"])
+    prepared = prepare(cfg, data)
+    modalities = prepared.modalities
+    spec = model_spec(cfg, prepared)
+    method = create_method(mcfg.pop("name"), **mcfg)
+    model = method.build_model(spec).to(device)
+
+    generator = torch.Generator().manual_seed(seed)
+    bs, workers = train_cfg["batch_size"], train_cfg["num_workers"]
+    train_loader = loader(prepared.datasets["train"], bs, True, generator, workers)
+    eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
+
+    def train_batches():
+        for batch in eval_loaders["train"]:
+            yield to_device(batch, device, modalities)
+
+    ctx = TrainContext(modalities, device, optimizer_factory(train_cfg), train_batches,
+                       train_cfg["epochs"], len(train_loader))
+    method.setup(model, ctx)
+    num_epochs = method.num_epochs(train_cfg["epochs"])
+
+    out = Path(out_dir) if out_dir is not None else None
+    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "history": [], "seconds": 0.0,
+             "best_val": None}
+    best_state = None
+    if out is not None:
+        last = out / "checkpoints" / "last.pt"
+        if last.exists() and not resume:
+            raise MieInputError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        if resume and last.exists():
+            ckpt = torch.load(last, map_location=device, weights_only=False)
+            if ckpt["config"] != cfg:
+                raise MieInputError(f"{last} was written with another config; resume with the same settings")
+            model.load_state_dict(ckpt["model"])
+            method.load_state_dict(ckpt["method"])
+            generator.set_state(ckpt["generator"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            state = ckpt["loop"]
+            best_state = torch.load(out / "checkpoints" / "best.pt", map_location="cpu",
+                                    weights_only=False)["model"]
+        write_text(out / "config.yaml", config_mod.dump(cfg))
+        if prepared.indices is not None:
+            _save_split(out, prepared)
+
+    writer = _tensorboard(out, state["epoch"]) if out is not None else None
+    from tqdm.auto import tqdm
+    bar = tqdm(range(state["epoch"], num_epochs), initial=state["epoch"], total=num_epochs,
+               desc=f"{method.name} seed {seed}", disable=(None if progress is None else not progress),
+               leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        method.start_epoch(epoch)
+        sums, count = {}, 0
+        for batch in train_loader:
+            logs = method.train_step(*to_device(batch, device, modalities))
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+        row = {"epoch": epoch + 1, **{k: v / max(count, 1) for k, v in sums.items()}}
+        row.update(method.end_epoch(epoch))
+        val = evaluate(method, eval_loaders["val"], device, modalities)
+        row.update(_flat_val(val))
+        state["seconds"] += time.perf_counter() - t0
+        row["seconds"] = state["seconds"]
+        score = val[train_cfg["select_on"]]
+        if score > state["best_score"]:
+            state.update(best_score=score, best_epoch=epoch + 1, best_val=val)
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if out is not None:
+                save_torch(out / "checkpoints" / "best.pt", checkpoint_payload(cfg, spec, prepared, best_state,
+                                                                                epoch + 1))
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        if out is not None:
+            write_text(out / "history.csv", _history_csv(state["history"]))
+            save_torch(out / "checkpoints" / "last.pt",
+                       {"config": cfg, "model": model.state_dict(), "method": method.state_dict(),
+                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                        "loop": state})
+        if writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    writer.add_scalar(k, v, epoch + 1)
+            writer.flush()
+        bar.set_postfix(val_acc=f"{val['accuracy']:.3f}")
+        for callback in callbacks:
+            callback(epoch, row)
+    bar.close()
+    if writer is not None:
+        writer.close()
+
+    model.load_state_dict(best_state)
+    test = evaluate(method, eval_loaders["test"], device, modalities)
+    result = {"method": method.name, "method_params": method.hparams(), "seed": seed,
+              "data": prepared.name, "modalities": modalities, "num_classes": prepared.num_classes,
+              "split": {"how": prepared.split_how,
+                        "sizes": {s: len(d) for s, d in prepared.datasets.items()}},
+              "epochs_per_modality": train_cfg["epochs"], "loop_epochs": num_epochs,
+              "best_epoch": state["best_epoch"], "select_on": train_cfg["select_on"],
+              "val": state["best_val"], "test": test, "seconds": round(state["seconds"], 3),
+              "device": str(device)}
+    if out is not None:
+        write_json(out / "metrics.json", result)
+    return result
+
+
+def _save_split(out, prepared):
+    """split.npz: the train / val / test indices into the original arrays."""
+    with atomic_path(out / "split.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **prepared.indices)
+
+
+def checkpoint_payload(cfg, spec, prepared, model_state, epoch):
+    """What ``mie eval`` needs to rebuild and re-run a model without the training state."""
+    return {"config": cfg, "spec": vars(spec), "model": model_state, "epoch": epoch,
+            "standardizer": prepared.standardizer, "classes": prepared.classes}
