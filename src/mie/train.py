@@ -33,6 +33,7 @@ class TrainContext:
     device: torch.device
     make_optimizer: callable     # params → torch.optim.Optimizer configured from train.*
     train_batches: callable      # () → iterator over unshuffled training batches (xs, y) on device
+    val_batches: callable        # () → the same over validation (for methods that monitor it)
     epochs_per_modality: int
     steps_per_epoch: int
 
@@ -178,11 +179,10 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
     train_loader = loader(prepared.datasets["train"], bs, True, generator, workers)
     eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
 
-    def train_batches():
-        for batch in eval_loaders["train"]:
-            yield to_device(batch, device, modalities)
+    def batches(split):
+        return lambda: (to_device(batch, device, modalities) for batch in eval_loaders[split])
 
-    ctx = TrainContext(modalities, device, optimizer_factory(train_cfg), train_batches,
+    ctx = TrainContext(modalities, device, optimizer_factory(train_cfg), batches("train"), batches("val"),
                        train_cfg["epochs"], len(train_loader))
     method.setup(model, ctx)
     num_epochs = method.num_epochs(train_cfg["epochs"])
