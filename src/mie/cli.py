@@ -1,0 +1,181 @@
+"""The ``mie`` command: train | eval | compare | methods | datasets.
+
+Every command is a thin layer over the Python API. Bad input prints one line on stderr and
+exits with code 2.
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+from .errors import MieInputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise MieInputError(f"{message} (see `{self.prog} --help`)")
+
+
+def _data_args(p):
+    p.add_argument("--data", metavar="FILE.npz", help="your data: x_<modality> arrays, y, optional split")
+    p.add_argument("--dataset", help="a built-in dataset (see `mie datasets`)")
+    p.add_argument("--modalities", help="comma-separated modality names, e.g. pix,zer")
+
+
+def _common_args(p):
+    p.add_argument("--config", metavar="FILE.yaml", help="a config file (sections data, model, train, method)")
+    _data_args(p)
+    p.add_argument("--epochs", type=int, help="epoch budget per modality")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides anywhere on the line, e.g. train.lr=0.01 method.tau=0.8")
+
+
+def build_parser():
+    parser = _Parser(prog="mie", description="Balanced multimodal classification with MIE and its baselines.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one method with one seed")
+    _common_args(p)
+    p.add_argument("--method", help="a method name (see `mie methods`)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+
+    p = sub.add_parser("eval", help="re-compute a run's metrics from its checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="FILE.pt", help="a run's checkpoints/best.pt")
+    _data_args(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("compare", help="run several methods over several seeds, side by side")
+    _common_args(p)
+    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for runs and results")
+
+    sub.add_parser("methods", help="list the training methods and their hyper-parameters")
+    sub.add_parser("datasets", help="list the built-in datasets")
+    return parser
+
+
+def _config(args, method=None, extra_overrides=()):
+    data = {"path": args.data, "dataset": args.dataset,
+            "modalities": args.modalities.split(",") if args.modalities else None}
+    if args.data and args.dataset:
+        raise MieInputError("give either --data or --dataset, not both")
+    if args.data:
+        data["dataset"] = None
+    if args.dataset:
+        data["path"] = None
+    sections = {"data": data, "train": {"epochs": args.epochs, "device": args.device,
+                                        "seed": getattr(args, "seed", None)}}
+    if method:
+        sections["method"] = {"name": method}
+    return config_mod.build_config(args.config, list(args.overrides) + list(extra_overrides), **sections)
+
+
+def _ints(text, what):
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise MieInputError(f"{what} must be comma-separated integers, got '{text}'") from None
+
+
+def cmd_train(args):
+    from .train import run
+    cfg = _config(args, args.method)
+    result = run(cfg, out_dir=args.out, resume=args.resume)
+    test = result["test"]
+    per = ", ".join(f"{m} {v['accuracy']:.4f}" for m, v in test["per_modality"].items())
+    print(f"{result['method']} seed {result['seed']}: test accuracy {test['accuracy']:.4f}, "
+          f"macro-F1 {test['macro_f1']:.4f}, MAP {test['map']:.4f}; per modality: {per}; "
+          f"best epoch {result['best_epoch']}/{result['loop_epochs']} on validation; "
+          f"{result['seconds']:.1f}s → {args.out}/metrics.json")
+
+
+def cmd_eval(args):
+    from .evaluate import evaluate_checkpoint
+    data = None
+    if args.data or args.dataset:
+        from .data.prepare import load_arrays
+        cfg = config_mod.build_config(None, (), data={"path": args.data, "dataset": args.dataset,
+                                                     "modalities": args.modalities})
+        data = load_arrays(cfg)
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, data, args.split, args.device), indent=2))
+
+
+def cmd_compare(args):
+    from .compare import compare
+    method_overrides = {}
+    rest = []
+    for text in args.overrides:
+        parts, value = config_mod.parse_override(text)
+        if parts[0] == "method":
+            if len(parts) != 2 or parts[1] == "name":
+                raise MieInputError(f"override '{text}': compare takes method.<parameter>=value; "
+                                    "name the methods with --methods")
+            method_overrides[parts[1]] = value
+        else:
+            rest.append(text)
+    if args.config:
+        yaml_method = config_mod.read_yaml(args.config).get("method") or {}
+        method_overrides = {**{k: v for k, v in yaml_method.items() if k != "name"}, **method_overrides}
+    args.overrides = rest
+    cfg = _config(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    compare(cfg, methods, _ints(args.seeds, "--seeds"), args.out, method_overrides)
+    print((Path(args.out) / "results.md").read_text())
+
+
+def cmd_methods(args):
+    from .methods import METHODS, method_params
+    for name, (_, fixed, description) in METHODS.items():
+        params = ", ".join(f"{k}={v}" for k, v in method_params(name).items())
+        print(f"{name:<14} {description}\n{'':<14} parameters: {params or '(none)'}")
+
+
+def cmd_datasets(args):
+    from .data import DATASETS
+    for name, (_, default, description) in DATASETS.items():
+        print(f"{name:<14} {description}; default modalities {','.join(default)}")
+    print(f"{'(your own)':<14} --data FILE.npz with x_<modality> (N, ...), y (N,), optional split (N,) "
+          "0/1/2 = train/val/test")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "methods": cmd_methods,
+            "datasets": cmd_datasets}
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")
+
+
+def parse_args(argv):
+    """argparse, with ``section.key=value`` overrides accepted anywhere on the line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    args = build_parser().parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    if overrides and not hasattr(args, "overrides"):
+        raise MieInputError(f"`mie {args.command}` takes no section.key=value overrides, got {overrides[0]}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
+    return args
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        COMMANDS[args.command](args)
+    except MieInputError as e:
+        print(f"mie: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mie: interrupted; `mie train ... --resume` continues a run from its last epoch", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Re-compute a run's metrics from its saved checkpoint (``mie eval``)."""
+from pathlib import Path
+
+import torch
+
+from .data.prepare import load_arrays, prepare_arrays
+from .errors import MieInputError
+from .methods import create_method
+from .models import ModelSpec
+from .train import evaluate, loader, resolve_device
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise MieInputError(f"no such checkpoint: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise MieInputError(f"cannot read {path} as a mie checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "spec" not in ckpt:
+        raise MieInputError(f"{path} is not a model checkpoint of mie; use checkpoints/best.pt of a run")
+    return ckpt
+
+
+def evaluate_checkpoint(checkpoint, data=None, split="test", device="auto"):
+    """Metrics of a saved model on ``split`` of ``data`` (default: the data it was trained on).
+
+    The split is rebuilt from the run's config and seed, and features are standardised with the
+    statistics saved at training time, so ``mie eval`` on the run's own data gives its test metrics.
+    """
+    if split not in ("train", "val", "test"):
+        raise MieInputError(f"split must be train, val or test, got '{split}'")
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt["config"]
+    spec = ModelSpec(**ckpt["spec"])
+    arrays = load_arrays(cfg, data)
+    if arrays.modalities != spec.modalities:
+        if not set(spec.modalities) <= set(arrays.modalities):
+            raise MieInputError(f"the checkpoint needs modalities {', '.join(spec.modalities)}; "
+                                f"the data has {', '.join(arrays.modalities)}")
+        arrays = arrays.select(spec.modalities)
+    for m in spec.modalities:
+        if tuple(arrays.x[m].shape[1:]) != tuple(spec.input_shapes[m]):
+            raise MieInputError(f"x_{m} samples have shape {arrays.x[m].shape[1:]}, the model expects "
+                                f"{tuple(spec.input_shapes[m])}")
+    prepared = prepare_arrays(arrays, cfg, standardizer=ckpt["standardizer"])
+    params = dict(cfg["method"])
+    method = create_method(params.pop("name"), **params)
+    dev = resolve_device(device)
+    method.model = method.build_model(spec).to(dev)
+    method.model.load_state_dict(ckpt["model"])
+    data_loader = loader(prepared.datasets[split], cfg["train"]["batch_size"])
+    metrics = evaluate(method, data_loader, dev, spec.modalities)
+    return {"checkpoint": str(checkpoint), "epoch": ckpt["epoch"], "split": split, **metrics}

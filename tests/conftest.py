@@ -1,0 +1,29 @@
+"""Shared fixtures: small synthetic multimodal data in the layouts users bring."""
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def make_arrays(n=120, k=3, seed=0, shapes=None):
+    """Two modalities whose features carry the label (a strong one and a weak one)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    shapes = shapes or {"a": (8,), "b": (5,)}
+    x = {}
+    for i, (m, shape) in enumerate(shapes.items()):
+        centers = rng.normal(size=(k, *shape)) * (2.0 if i == 0 else 0.7)
+        x[m] = (centers[y] + rng.normal(size=(n, *shape))).astype(np.float32)
+    return x, y
+
+
+@pytest.fixture
+def npz_file(tmp_path):
+    x, y = make_arrays()
+    path = tmp_path / "toy.npz"
+    np.savez(path, y=y, **{f"x_{m}": a for m, a in x.items()})
+    return path
+
+
+TINY = ["train.epochs=2", "train.batch_size=32", "model.dim=16", "model.head_hidden=[16,8]"]

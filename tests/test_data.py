@@ -1,0 +1,105 @@
+"""Data: npz layout, validation messages, splits, standardisation, the built-in datasets."""
+import numpy as np
+import pytest
+
+from mie.data import TEST, TRAIN, VAL, MultimodalArrays, load_dataset, resolve_split, stratified_split
+from mie.data.standardize import apply_standardizer, fit_standardizer
+from mie.errors import MieInputError
+
+
+def arrays(n=60, k=3, split=None):
+    y = np.arange(n) % k
+    return MultimodalArrays({"a": np.random.default_rng(0).normal(size=(n, 4))}, y, split)
+
+
+def test_stratified_split_is_stratified_disjoint_and_seeded():
+    y = np.repeat(np.arange(4), 40)
+    train, val, test = stratified_split(y, [0.7, 0.15, 0.15], seed=3)
+    assert len(set(train) | set(val) | set(test)) == 160 and len(train) + len(val) + len(test) == 160
+    for part, per_class in ((train, 28), (val, 6), (test, 6)):
+        assert np.all(np.bincount(y[part], minlength=4) == per_class)
+    again = stratified_split(y, [0.7, 0.15, 0.15], seed=3)
+    other = stratified_split(y, [0.7, 0.15, 0.15], seed=4)
+    assert all(np.array_equal(p, q) for p, q in zip((train, val, test), again))
+    assert not np.array_equal(test, other[2])
+
+
+def test_split_without_validation_carves_it_from_train():
+    split = np.array([TRAIN] * 40 + [TEST] * 20)
+    idx, how = resolve_split(arrays(split=split), seed=0, carve_val=0.25)
+    assert len(idx["test"]) == 20 and set(idx["test"]) == set(range(40, 60))
+    assert len(idx["val"]) + len(idx["train"]) == 40 and len(idx["val"]) > 0
+    assert not set(idx["val"]) & set(idx["train"]) and "validation" in how
+
+
+def test_given_split_is_kept():
+    split = np.array([TRAIN] * 30 + [VAL] * 15 + [TEST] * 15)
+    idx, _ = resolve_split(arrays(split=split), seed=0)
+    assert list(idx["val"]) == list(range(30, 45))
+
+
+@pytest.mark.parametrize("split, message", [
+    (np.array([VAL] * 30 + [TEST] * 30), "train split is empty"),
+    (np.array([TRAIN] * 3 + [TEST] * 57), "validation"),   # 1 sample per class: nothing to carve
+])
+def test_empty_splits_are_refused(split, message):
+    with pytest.raises(MieInputError, match="split is empty"):
+        resolve_split(arrays(split=split), seed=0)
+
+
+def test_class_missing_from_train_is_refused():
+    y = np.arange(60) % 3
+    split = np.where(y == 2, TEST, np.where(np.arange(60) % 2 == 0, TRAIN, VAL))
+    with pytest.raises(MieInputError, match="class.*2.*no training samples"):
+        resolve_split(MultimodalArrays({"a": np.zeros((60, 2))}, y, split), seed=0)
+
+
+@pytest.mark.parametrize("x, y, message", [
+    ({"a": np.zeros((5, 2))}, np.zeros(4, int), "5 samples but y has 4"),
+    ({"a": np.array([[0.0, np.nan]] * 4)}, np.zeros(4, int), "NaN or inf"),
+    ({"a": np.array([[0.0, np.inf]] * 4)}, np.zeros(4, int), "NaN or inf"),
+    ({"a": np.zeros((4, 2))}, np.array([0, 1, -1, 0]), r"labels must be integers in \[0"),
+    ({"a": np.zeros((4, 2))}, np.array([0.5, 1, 0, 0]), "integer class labels"),
+    ({}, np.zeros(4, int), "no modality arrays"),
+])
+def test_bad_arrays_are_refused(x, y, message):
+    with pytest.raises(MieInputError, match=message):
+        MultimodalArrays(x, y)
+
+
+def test_labels_beyond_the_class_list_are_refused():
+    with pytest.raises(MieInputError, match=r"labels must be integers in \[0, 2\)"):
+        MultimodalArrays({"a": np.zeros((3, 2))}, np.array([0, 1, 2]), classes=["x", "y"])
+
+
+def test_standardizer_uses_per_feature_and_per_channel_statistics():
+    rng = np.random.default_rng(0)
+    v = rng.normal(3, 2, size=(50, 4)).astype(np.float32)
+    z = apply_standardizer(v, fit_standardizer(v))
+    assert np.allclose(z.mean(0), 0, atol=1e-5) and np.allclose(z.std(0), 1, atol=1e-4)
+    s = rng.normal(size=(30, 3, 20)).astype(np.float32) * np.array([1, 5, 10], np.float32)[:, None]
+    mean, std = fit_standardizer(s)
+    assert mean.shape == (3, 1) and np.allclose(std[:, 0], s.transpose(1, 0, 2).reshape(3, -1).std(1), rtol=1e-4)
+
+
+def test_mfeat_views_and_labels():
+    data = load_dataset("mfeat", ["fou", "fac", "kar", "pix", "zer", "mor"])
+    assert [data.x[m].shape[1] for m in data.modalities] == [76, 216, 64, 240, 47, 6]
+    assert len(data.y) == 2000 and np.all(np.bincount(data.y) == 200) and data.split is None
+    pix = data.x["pix"]
+    assert pix.min() == 0 and pix.max() == 6   # pixel averages of 2×3 windows of a binary image
+
+
+def test_basicmotions_modalities_and_split():
+    data = load_dataset("basicmotions")
+    assert data.modalities == ["acc", "gyro"]
+    assert data.x["acc"].shape == (80, 3, 100) and data.x["gyro"].shape == (80, 3, 100)
+    assert np.sum(data.split == TRAIN) == 40 and np.sum(data.split == TEST) == 40
+    assert data.classes == ["badminton", "running", "standing", "walking"]
+
+
+def test_unknown_dataset_and_modality():
+    with pytest.raises(MieInputError, match="unknown dataset 'nope'"):
+        load_dataset("nope")
+    with pytest.raises(MieInputError, match="unknown modality 'audio'"):
+        load_dataset("mfeat", ["pix", "audio"])

@@ -1,0 +1,197 @@
+"""Flat gradient modification (mie.optim.flat) against hand-built matrices."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mie.optim import InputCovariance, flat_modification_matrix, matrix_stats, modify_linear_gradient
+
+
+def _orthogonal(d, seed):
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def _expected_T(V, lam, tau):
+    lam = np.asarray(lam, dtype=np.float64)
+    sigma = np.exp(-tau * (lam - lam.min()) / (lam.max() - lam.min()))
+    return V @ np.diag(sigma) @ V.T
+
+
+@pytest.mark.parametrize("tau", [0.4, 2.0])
+def test_matches_hand_built_T(tau):
+    V = _orthogonal(5, 0)
+    lam = np.array([0.1, 0.7, 1.3, 2.0, 4.5])
+    perm = np.array([3, 0, 4, 1, 2])                   # eigenvalues not sorted in V's column order
+    cov = V[:, perm] @ np.diag(lam[perm]) @ V[:, perm].T
+    T = flat_modification_matrix(torch.from_numpy(cov), tau=tau)
+    np.testing.assert_allclose(T.numpy(), _expected_T(V, lam, tau), rtol=0, atol=1e-10)
+    # a wrong sign (amplifying sharp directions) or no normalisation would be far off
+    assert np.abs(T.numpy() - V @ np.diag(np.exp(tau * (lam - lam.min()) / (lam.max() - lam.min()))) @ V.T).max() > 0.1
+    assert np.abs(T.numpy() - V @ np.diag(np.exp(-tau * lam)) @ V.T).max() > 0.01
+
+
+def test_accepts_numpy_and_float32_and_returns_float64():
+    V = _orthogonal(4, 1)
+    lam = np.array([0.5, 1.0, 2.0, 3.0])
+    cov = V @ np.diag(lam) @ V.T
+    for c in (cov, torch.tensor(cov, dtype=torch.float32)):
+        T = flat_modification_matrix(c, tau=0.4)
+        assert isinstance(T, torch.Tensor)
+        assert T.dtype == torch.float64
+        assert T.shape == (4, 4)
+    np.testing.assert_allclose(flat_modification_matrix(torch.tensor(cov, dtype=torch.float32)).numpy(),
+                               _expected_T(V, lam, 0.4), atol=1e-6)
+
+
+def test_identity_when_all_eigenvalues_equal():
+    eye = torch.eye(4, dtype=torch.float64)
+    T = flat_modification_matrix(3.0 * eye, tau=0.4)
+    assert T.dtype == torch.float64
+    torch.testing.assert_close(T, eye, rtol=0, atol=1e-12)
+    # a rotated multiple of I: round-off splits the eigenvalues by ~1e-16, which must not count
+    V = _orthogonal(4, 2)
+    T = flat_modification_matrix(torch.from_numpy(V @ (2.5 * np.eye(4)) @ V.T), tau=0.4)
+    torch.testing.assert_close(T, eye, rtol=0, atol=1e-12)
+    # and the zero matrix
+    torch.testing.assert_close(flat_modification_matrix(torch.zeros(3, 3)), torch.eye(3, dtype=torch.float64),
+                               rtol=0, atol=0)
+
+
+def test_eigenvalues_clamped_at_zero():
+    V = _orthogonal(4, 3)
+    neg = V @ np.diag([-1e-6, 0.5, 1.0, 3.0]) @ V.T
+    zero = V @ np.diag([0.0, 0.5, 1.0, 3.0]) @ V.T
+    T_neg = flat_modification_matrix(torch.from_numpy(neg), tau=0.4)
+    T_zero = flat_modification_matrix(torch.from_numpy(zero), tau=0.4)
+    torch.testing.assert_close(T_neg, T_zero, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(T_zero.numpy(), _expected_T(V, [0.0, 0.5, 1.0, 3.0], 0.4), atol=1e-12)
+    # without the clamp the answer would differ by ~1e-7: the tolerance above would catch it
+    unclamped = _expected_T(V, [-1e-6, 0.5, 1.0, 3.0], 0.4)
+    assert np.abs(unclamped - T_zero.numpy()).max() > 1e-8
+
+
+@pytest.mark.parametrize("scale", [1e-4, 7.0, 1e5])
+def test_invariant_to_scaling(scale):
+    rng = np.random.default_rng(4)
+    Z = rng.normal(size=(20, 6))
+    cov = Z.T @ Z
+    T = flat_modification_matrix(torch.from_numpy(cov), tau=0.4)
+    Ts = flat_modification_matrix(torch.from_numpy(scale * cov), tau=0.4)
+    torch.testing.assert_close(Ts, T, rtol=0, atol=1e-10)
+
+
+def test_symmetric_spectrum_and_damped_directions():
+    tau = 0.7
+    V = _orthogonal(6, 5)
+    lam = np.array([0.2, 0.9, 1.1, 2.5, 3.0, 8.0])
+    cov = V @ np.diag(lam) @ V.T
+    T = flat_modification_matrix(torch.from_numpy(cov), tau=tau).numpy()
+    np.testing.assert_allclose(T, T.T, rtol=0, atol=1e-14)
+    eig = np.linalg.eigvalsh(T)
+    assert eig.min() >= math.exp(-tau) - 1e-12
+    assert eig.max() <= 1 + 1e-12
+    v_sharp, v_flat = V[:, -1], V[:, 0]              # largest and smallest λ
+    np.testing.assert_allclose(T @ v_sharp, math.exp(-tau) * v_sharp, atol=1e-12)
+    np.testing.assert_allclose(T @ v_flat, v_flat, atol=1e-12)
+    np.testing.assert_allclose(eig.min(), math.exp(-tau), atol=1e-12)
+    np.testing.assert_allclose(eig.max(), 1.0, atol=1e-12)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        flat_modification_matrix(torch.zeros(3, 4))
+    with pytest.raises(ValueError):
+        flat_modification_matrix(torch.eye(3), tau=0.0)
+    with pytest.raises(ValueError):
+        flat_modification_matrix(torch.eye(3), tau=-1.0)
+
+
+def test_matrix_stats():
+    V = _orthogonal(4, 6)
+    T = torch.from_numpy(V @ np.diag([0.6, 0.8, 0.9, 1.0]) @ V.T)
+    s = matrix_stats(T)
+    assert s["min_eig"] == pytest.approx(0.6, abs=1e-12)
+    assert s["dist_identity"] == pytest.approx(math.sqrt(0.4 ** 2 + 0.2 ** 2 + 0.1 ** 2), abs=1e-12)
+
+
+# ---- InputCovariance -----------------------------------------------------------------------
+
+def test_input_covariance_matches_numpy():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    batches = [torch.randn(n, 4) for n in (7, 3, 11, 5)]
+    with InputCovariance([net[0], net[2]]) as cov:
+        with torch.no_grad():
+            for x in batches:
+                net(x)
+
+    W1, b1 = net[0].weight.detach().double().numpy(), net[0].bias.detach().double().numpy()
+    Y1, Y2 = np.zeros((4, 4)), np.zeros((5, 5))
+    for x in batches:
+        x = x.double().numpy()
+        z1 = x.mean(axis=0)                                  # input of the first Linear
+        z2 = np.maximum(x @ W1.T + b1, 0.0).mean(axis=0)     # input of the second: the ReLU output
+        Y1 += np.outer(z1, z1)
+        Y2 += np.outer(z2, z2)
+    assert [c.dtype for c in cov.covariances] == [torch.float64, torch.float64]
+    assert [tuple(c.shape) for c in cov.covariances] == [(4, 4), (5, 5)]
+    np.testing.assert_allclose(cov.covariances[0].numpy(), Y1, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cov.covariances[1].numpy(), Y2, rtol=1e-6, atol=1e-9)
+    # the batch mean is taken before the outer product (not the mean of per-sample outer products)
+    per_sample = sum(np.einsum("ni,nj->ij", x.double().numpy(), x.double().numpy()) / len(x) for x in batches)
+    assert np.abs(per_sample - Y1).max() > 0.1
+
+    # hooks removed on exit: further passes change nothing and no hook is left on the layers
+    snapshot = [c.clone() for c in cov.covariances]
+    with torch.no_grad():
+        net(torch.randn(4, 4))
+    for c, s in zip(cov.covariances, snapshot):
+        assert torch.equal(c, s)
+    assert len(net[0]._forward_hooks) == 0 and len(net[2]._forward_hooks) == 0
+
+
+def test_input_covariance_hooks_removed_after_exception():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(RuntimeError):
+        with InputCovariance([lin]):
+            raise RuntimeError("boom")
+    assert len(lin._forward_hooks) == 0
+
+
+def test_input_covariance_rejects_non_linear():
+    with pytest.raises(TypeError):
+        InputCovariance([nn.Conv1d(2, 2, 3)])
+
+
+# ---- modify_linear_gradient --------------------------------------------------------------
+
+def test_modify_linear_gradient():
+    torch.manual_seed(1)
+    lin = nn.Linear(5, 3)
+    g_w, g_b = torch.randn(3, 5), torch.randn(3)
+    lin.weight.grad, lin.bias.grad = g_w.clone(), g_b.clone()
+    T = torch.eye(5, dtype=torch.float64) + 0.3 * torch.randn(5, 5, dtype=torch.float64)   # not symmetric
+    change = modify_linear_gradient(lin, T)
+
+    expected = g_w.double().numpy() @ T.numpy()
+    assert lin.weight.grad.dtype == torch.float32
+    np.testing.assert_allclose(lin.weight.grad.double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    # T on the input side (∇W·T), not the output side or transposed
+    assert np.abs(expected - g_w.double().numpy() @ T.numpy().T).max() > 1e-2
+    assert torch.equal(lin.bias.grad, g_b)
+    g = g_w.double().numpy()
+    assert change == pytest.approx(np.linalg.norm(expected - g) / np.linalg.norm(g), rel=1e-5)
+
+
+def test_modify_linear_gradient_shape_mismatch_and_no_grad():
+    lin = nn.Linear(5, 3)
+    assert modify_linear_gradient(lin, torch.eye(5, dtype=torch.float64)) == 0.0     # no grad yet
+    lin.weight.grad = torch.randn(3, 5)
+    with pytest.raises(ValueError):
+        modify_linear_gradient(lin, torch.eye(3, dtype=torch.float64))               # out_features-sized
+    with pytest.raises(ValueError):
+        modify_linear_gradient(lin, torch.eye(6, dtype=torch.float64))

@@ -1,0 +1,352 @@
+"""The MIE method (mie.methods.mie): stage cycle, SAM + GM step, T recomputation, logs."""
+import copy
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mie.errors import MieInputError
+from mie.methods import MIE, create_method
+from mie.models import LateFusionModel, ModelSpec
+from mie.optim import flat_modification_matrix
+from mie.train import TrainContext
+
+MODS = ["a", "b", "c"]
+SHAPES = {"a": (5,), "b": (6,), "c": (7,)}
+K = 3
+LR = 0.5
+RHO = 0.3
+TAU = 0.4
+
+
+def _model():
+    torch.manual_seed(0)
+    spec = ModelSpec(modalities=list(MODS), input_shapes=dict(SHAPES), encoders={m: "mlp" for m in MODS},
+                     num_classes=K, dim=8, head_hidden=(6, 4))
+    model = LateFusionModel.build(spec).double().train()
+    for module in model.modules():            # deterministic forward passes (BatchNorm stays active)
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _batches(n=3, size=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        xs = {m: torch.randn(size, *SHAPES[m], generator=g, dtype=torch.float64) for m in MODS}
+        y = torch.randint(0, K, (size,), generator=g)
+        out.append((xs, y))
+    return out
+
+
+def _ctx(batches):
+    return TrainContext(modalities=list(MODS), device=torch.device("cpu"),
+                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=LR),
+                        train_batches=lambda: iter(batches), val_batches=lambda: iter(batches[:1]),
+                        epochs_per_modality=2, steps_per_epoch=len(batches))
+
+
+def _setup(batches=None, **kw):
+    model = _model()
+    method = MIE(tau=TAU, rho=RHO, **kw)
+    method.setup(model, _ctx(batches if batches is not None else _batches()))
+    return model, method
+
+
+def _random_Ts(model, seed, symmetric=False):
+    """Distinct non-identity matrices per modality, one per head Linear (in_features wide)."""
+    g = torch.Generator().manual_seed(seed)
+    Ts = {}
+    for m in model.modalities:
+        ts = []
+        for lin in model.heads[m].linears:
+            d = lin.in_features
+            A = torch.randn(d, d, generator=g, dtype=torch.float64)
+            if symmetric:
+                Q, _ = torch.linalg.qr(A)
+                eig = 0.5 + 0.5 * torch.rand(d, generator=g, dtype=torch.float64)
+                ts.append((Q * eig) @ Q.T)
+            else:
+                ts.append(torch.eye(d, dtype=torch.float64) + 0.4 * A)
+        Ts[m] = ts
+    return Ts
+
+
+def _reference(model, j, T_k, x, y, sam):
+    """Expected parameter deltas of θ_j (in ``model.modality_parameters(j)`` order) for one step,
+    computed with autograd on a copy: g (pass 1), g' at θ + ρ g/‖g‖ (joint norm), ∇W·T^(k)."""
+    ref = copy.deepcopy(model)
+    params = ref.modality_parameters(j)
+    loss = F.cross_entropy(ref.forward_modality(j, x), y)
+    g = torch.autograd.grad(loss, params)
+    bn_after_one_pass = [b.clone() for b in ref.encoders[j].buffers()]
+    if sam:
+        norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+        with torch.no_grad():
+            for p, t in zip(params, g):
+                p.add_(RHO * t / norm)
+        g = torch.autograd.grad(F.cross_entropy(ref.forward_modality(j, x), y), params)
+    position = {id(l.weight): i for i, l in enumerate(ref.heads[j].linears)}
+    deltas, changes = [], []
+    for p, t in zip(params, g):
+        if id(p) in position and T_k is not None:
+            new = t @ T_k[position[id(p)]]
+            changes.append(((new - t).norm() / t.norm()).item())
+            t = new
+        deltas.append(-LR * t)
+    return deltas, changes, loss.item(), bn_after_one_pass
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _check_step(model, method, epoch, j, k, sam, batch):
+    xs, y = batch
+    T_k = method.T[k]
+    before = _snapshot(model)
+    old_j = [p.detach().clone() for p in model.modality_parameters(j)]
+    deltas, changes, loss, bn_ref = _reference(model, j, T_k, xs[j], y, sam)
+    wrong_T = _reference(model, j, method.T[j], xs[j], y, sam)[0]           # T^(j) instead of T^(k)
+    no_gm = _reference(model, j, None, xs[j], y, sam)[0]
+
+    logs = method.train_step(xs, y)
+    assert set(logs) == {f"loss_{j}"}
+    assert logs[f"loss_{j}"] == pytest.approx(loss, rel=1e-10)
+
+    got = [p.detach() - o for p, o in zip(model.modality_parameters(j), old_j)]
+    for g_, e in zip(got, deltas):
+        torch.testing.assert_close(g_, e, rtol=1e-5, atol=1e-10)
+    # the check can tell T^(k) from T^(j) and from no modification at all
+    for alt in (wrong_T, no_gm):
+        assert max((a - e).abs().max().item() for a, e in zip(alt, deltas)) > 1e-4
+
+    # head weights moved by −η ∇W·T, biases by −η ∇b (checked above); every other modality untouched
+    after = _snapshot(model)
+    for name, value in after.items():
+        owner = name.split(".")[1]
+        if owner != j:
+            assert torch.equal(value, before[name]), name
+    # BatchNorm statistics of j's encoder: exactly one train-mode pass (pass 2 of SAM leaves none)
+    for b, r in zip(model.encoders[j].buffers(), bn_ref):
+        assert torch.equal(b, r)
+    return changes
+
+
+# ---- (1) the cycle --------------------------------------------------------------------------
+
+def test_stage_order_three_modalities():
+    _, method = _setup(epochs_per_stage=2)
+    got = [method.stage(e) for e in range(12)]
+    expected_j = ["a", "a", "b", "b", "c", "c"] * 2
+    expected_k = ["c", "c", "a", "a", "b", "b"] * 2
+    assert [s[0] for s in got] == expected_j
+    assert [s[1] for s in got] == expected_k
+    assert [s[2] for s in got] == [False, True] * 6
+
+
+def test_stage_custom_order():
+    _, method = _setup(epochs_per_stage=1, order=["c", "a", "b"])
+    got = [method.stage(e)[:2] for e in range(6)]
+    assert got == [("c", "b"), ("a", "c"), ("b", "a")] * 2
+    assert all(method.stage(e)[2] for e in range(6))
+    with pytest.raises(MieInputError):
+        _setup(order=["a", "b"])
+    with pytest.raises(MieInputError):
+        _setup(order=["a", "b", "b"])
+
+
+def test_num_epochs():
+    _, stage1 = _setup(epochs_per_stage=1)
+    _, stage2 = _setup(epochs_per_stage=2)
+    _, iteration = _setup(alternation="iteration")
+    assert stage1.num_epochs(5) == 15
+    assert stage2.num_epochs(4) == 12
+    assert stage2.num_epochs(6) == 18
+    assert iteration.num_epochs(5) == 5
+    # whatever E, the loop gives every modality the same number of epochs, at least E
+    for E in (1, 3, 5):
+        counts = Counter(stage2.stage(e)[0] for e in range(stage2.num_epochs(E)))
+        assert set(counts) == set(MODS) and len(set(counts.values())) == 1 and counts["a"] >= E
+
+
+def test_bad_hyper_parameters():
+    for kw in ({"alternation": "epoch"}, {"tau": 0.0}, {"rho": -1.0}, {"epochs_per_stage": 0}):
+        with pytest.raises(MieInputError):
+            MIE(**kw)
+    assert create_method("mie_gm_only").sam is False
+    assert create_method("mie_sam_only").gm is False
+
+
+# ---- (2) one step ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("epoch,j,k", [(0, "a", "c"), (1, "b", "a"), (2, "c", "b"), (3, "a", "c")])
+def test_gm_step_uses_previous_modality_T(epoch, j, k):
+    model, method = _setup(sam=False, gm=True)
+    method.T = _random_Ts(model, seed=10 + epoch)
+    assert method.stage(epoch)[:2] == (j, k)
+    method.start_epoch(epoch)
+    batches = _batches()
+    _check_step(model, method, epoch, j, k, sam=False, batch=batches[0])
+    _check_step(model, method, epoch, j, k, sam=False, batch=batches[1])   # from the updated θ_j
+
+
+def test_gm_step_custom_order():
+    model, method = _setup(sam=False, gm=True, order=["b", "c", "a"])
+    method.T = _random_Ts(model, seed=3)
+    method.start_epoch(0)
+    _check_step(model, method, 0, "b", "a", sam=False, batch=_batches()[0])
+
+
+@pytest.mark.parametrize("epoch,j,k", [(0, "a", "c"), (1, "b", "a")])
+def test_sam_then_gm_step(epoch, j, k):
+    model, method = _setup(sam=True, gm=True)
+    method.T = _random_Ts(model, seed=20 + epoch)
+    method.start_epoch(epoch)
+    batches = _batches()
+    xs, y = batches[0]
+    plain = _reference(model, j, method.T[k], xs[j], y, sam=False)[0]
+    expected = _reference(model, j, method.T[k], xs[j], y, sam=True)[0]
+    # the SAM step differs measurably from a plain GM step on these numbers
+    assert max((a - e).abs().max().item() for a, e in zip(plain, expected)) > 1e-4
+    _check_step(model, method, epoch, j, k, sam=True, batch=batches[0])
+    _check_step(model, method, epoch, j, k, sam=True, batch=batches[1])
+
+
+def test_sam_only_step_leaves_gradient_unmodified():
+    model, method = _setup(sam=True, gm=False)
+    Ts = _random_Ts(model, seed=5)
+    method.T = Ts                              # must be ignored when gm=False
+    method.start_epoch(0)
+    xs, y = _batches()[0]
+    old = [p.detach().clone() for p in model.modality_parameters("a")]
+    expected = _reference(model, "a", None, xs["a"], y, sam=True)[0]
+    method.train_step(xs, y)
+    for p, o, e in zip(model.modality_parameters("a"), old, expected):
+        torch.testing.assert_close(p.detach() - o, e, rtol=1e-5, atol=1e-10)
+
+
+def test_iteration_alternation_steps_every_modality():
+    model, method = _setup(sam=False, gm=True, alternation="iteration")
+    method.T = _random_Ts(model, seed=7)
+    method.start_epoch(0)
+    xs, y = _batches()[0]
+    prev = {"a": "c", "b": "a", "c": "b"}
+    old = {m: [p.detach().clone() for p in model.modality_parameters(m)] for m in MODS}
+    expected = {m: _reference(model, m, method.T[prev[m]], xs[m], y, sam=False)[0] for m in MODS}
+    logs = method.train_step(xs, y)
+    assert set(logs) == {"loss_a", "loss_b", "loss_c"}
+    for m in MODS:
+        for p, o, e in zip(model.modality_parameters(m), old[m], expected[m]):
+            torch.testing.assert_close(p.detach() - o, e, rtol=1e-5, atol=1e-10)
+
+
+# ---- (3) recompute ----------------------------------------------------------------------------
+
+def _hand_T(model, m, batches, train=False):
+    """T for each head Linear of m from an eval-mode pass: Ȳ = Σ_t z̄_t z̄_tᵀ of the Linear inputs."""
+    ref = copy.deepcopy(model).train(train)
+    lin0, lin1, lin2 = ref.heads[m].linears
+    covs = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for l in (lin0, lin1, lin2)]
+    with torch.no_grad():
+        for xs, _ in batches:
+            z0 = ref.encoders[m](xs[m])
+            z1 = torch.relu(lin0(z0))           # the head: FC → ReLU → FC → FC
+            z2 = lin1(z1)
+            for c, z in zip(covs, (z0, z1, z2)):
+                zb = z.mean(dim=0)
+                c += torch.outer(zb, zb)
+    return [flat_modification_matrix(c, TAU) for c in covs]
+
+
+def test_recompute_after_stage():
+    batches = _batches(n=4, size=5, seed=11)
+    model, method = _setup(batches=batches, sam=True, gm=True, epochs_per_stage=2)
+    initial = _random_Ts(model, seed=8, symmetric=True)
+    method.T = {m: [t.clone() for t in ts] for m, ts in initial.items()}
+
+    method.start_epoch(0)
+    for xs, y in batches:
+        method.train_step(xs, y)
+    method.end_epoch(0)                     # not the end of the stage: nothing recomputed
+    for m in MODS:
+        for t, t0 in zip(method.T[m], initial[m]):
+            assert torch.equal(t, t0)
+
+    method.start_epoch(1)
+    for xs, y in batches:
+        method.train_step(xs, y)
+    method.end_epoch(1)                     # end of a's stage: T^(a) recomputed, others untouched
+    assert model.training
+    expected = _hand_T(model, "a", batches)
+    assert [tuple(t.shape) for t in method.T["a"]] == [(8, 8), (6, 6), (4, 4)]
+    for t, e in zip(method.T["a"], expected):
+        assert t.dtype == torch.float64
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
+        assert (t - torch.eye(t.shape[0], dtype=torch.float64)).abs().max() > 1e-3
+    for m in ("b", "c"):
+        for t, t0 in zip(method.T[m], initial[m]):
+            assert torch.equal(t, t0)
+
+    # the next stage (b, with k = a) uses the freshly computed T^(a), not a stale copy
+    method.start_epoch(2)
+    _check_step(model, method, 2, "b", "a", sam=True, batch=batches[0])
+
+
+def test_recompute_uses_eval_mode():
+    """Train-mode BatchNorm would give other features: the eval pass is what T must come from."""
+    batches = _batches(n=3, size=4, seed=12)
+    model, method = _setup(batches=batches, sam=False, gm=True)
+    # move the running statistics away from the batch statistics
+    with torch.no_grad():
+        for mod in model.encoders["c"].modules():
+            if isinstance(mod, nn.BatchNorm1d):
+                mod.running_mean.add_(0.7)
+                mod.running_var.mul_(3.0)
+    bn_before = [b.clone() for b in model.encoders["c"].buffers()]
+    method.recompute(["c"])
+    for t, e, w in zip(method.T["c"], _hand_T(model, "c", batches), _hand_T(model, "c", batches, train=True)):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
+        assert (w - e).abs().max() > 1e-4
+    for b, b0 in zip(model.encoders["c"].buffers(), bn_before):
+        assert torch.equal(b, b0)
+    assert model.training
+
+
+# ---- (4) logs ---------------------------------------------------------------------------------
+
+def test_end_epoch_logs():
+    batches = _batches(n=3, size=6, seed=13)
+    model, method = _setup(batches=batches, sam=False, gm=True, epochs_per_stage=2)
+    method.T = _random_Ts(model, seed=9, symmetric=True)
+    method.start_epoch(0)
+    changes = []
+    for xs, y in batches:
+        changes.append(_reference(model, "a", method.T["c"], xs["a"], y, sam=False)[1])
+        method.train_step(xs, y)
+    logs = method.end_epoch(0)
+
+    assert logs["active"] == "a"
+    assert logs["gm_source"] == "c"
+    Tc = [t.numpy() for t in method.T["c"]]
+    assert logs["gm_T_min_eig"] == pytest.approx(min(np.linalg.eigvalsh(t).min() for t in Tc), abs=1e-10)
+    assert logs["gm_T_dist_identity"] == pytest.approx(
+        np.mean([np.linalg.norm(t - np.eye(t.shape[0])) for t in Tc]), abs=1e-10)
+    expected_change = np.mean([np.mean(c) for c in changes])
+    assert logs["gm_grad_rel_change"] == pytest.approx(expected_change, rel=1e-5)
+    # T^(a) (the trained modality's own matrix) would give other numbers
+    Ta = [t.numpy() for t in method.T["a"]]
+    assert abs(min(np.linalg.eigvalsh(t).min() for t in Ta) - logs["gm_T_min_eig"]) > 1e-4
+
+
+def test_end_epoch_without_gm_has_no_gm_logs():
+    model, method = _setup(sam=True, gm=False)
+    method.start_epoch(0)
+    xs, y = _batches()[0]
+    method.train_step(xs, y)
+    logs = method.end_epoch(0)
+    assert logs == {"active": "a"}
