@@ -139,7 +139,7 @@ def test_classification_metrics_by_hand():
     assert got["n"] == 10
 
     assert accuracy(FUSED, Y) == pytest.approx(0.7)
-    assert macro_f1(FUSED, Y, 3) == pytest.approx((4 / 7 + 6 / 8 + 4 / 5) / 3)
+    assert macro_f1(FUSED, Y) == pytest.approx((4 / 7 + 6 / 8 + 4 / 5) / 3)
 
 
 def test_map_is_mean_over_present_classes():
@@ -158,3 +158,11 @@ def test_map_is_mean_over_present_classes():
     assert expected == pytest.approx((1.0 + 0.7 + 0.5) / 3)
     assert mean_average_precision(probs, y) == pytest.approx(expected, rel=1e-12)
     assert classification_metrics(probs, {}, y)["map"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_macro_f1_averages_over_classes_that_occur():
+    # class 3 exists in the model's output but neither in y nor in the predictions
+    probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1]])
+    assert macro_f1(probs, np.array([0, 1, 2])) == 1.0
+    # a class predicted but absent from y counts (F1 = 0), as a wrong prediction should
+    assert macro_f1(probs, np.array([0, 1, 1])) == pytest.approx((1 + 2 / 3 + 0) / 3)

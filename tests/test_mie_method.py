@@ -350,3 +350,44 @@ def test_end_epoch_without_gm_has_no_gm_logs():
     method.train_step(xs, y)
     logs = method.end_epoch(0)
     assert logs == {"active": "a"}
+
+
+def test_recomputed_T_used_after_a_full_cycle():
+    """T^(a) is used (k = a) in b's stage, recomputed at the end of a's next stage, and b's next
+    stage must then use the new T^(a), not the one it used a cycle before."""
+    batches = _batches(n=2, size=5, seed=14)
+    model, method = _setup(batches=batches, sam=False, gm=True, epochs_per_stage=1)
+    method.T = _random_Ts(model, seed=15, symmetric=True)
+    for epoch in range(4):                   # stages a, b, c, a
+        method.start_epoch(epoch)
+        for xs, y in batches:
+            method.train_step(xs, y)
+        method.end_epoch(epoch)
+    for t, e in zip(method.T["a"], _hand_T(model, "a", batches)):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
+    method.start_epoch(4)                    # stage b again, k = a
+    _check_step(model, method, 4, "b", "a", sam=False, batch=batches[0])
+
+
+def test_iteration_alternation_recomputes_every_T():
+    batches = _batches(n=2, size=5, seed=16)
+    model, method = _setup(batches=batches, sam=True, gm=True, alternation="iteration")
+    method.T = _random_Ts(model, seed=17, symmetric=True)
+    prev = {"a": "c", "b": "a", "c": "b"}
+    method.start_epoch(0)
+    for xs, y in batches:
+        method.train_step(xs, y)
+    logs = method.end_epoch(0)
+    assert logs["gm_source"] == "c"          # the matrix used by the first modality of the cycle
+    for m in MODS:
+        for t, e in zip(method.T[m], _hand_T(model, m, batches)):
+            torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
+    # the next epoch's steps use the new matrices
+    method.start_epoch(1)
+    xs, y = batches[0]
+    old = {m: [p.detach().clone() for p in model.modality_parameters(m)] for m in MODS}
+    expected = {m: _reference(model, m, method.T[prev[m]], xs[m], y, sam=True)[0] for m in MODS}
+    method.train_step(xs, y)
+    for m in MODS:
+        for p, o, e in zip(model.modality_parameters(m), old[m], expected[m]):
+            torch.testing.assert_close(p.detach() - o, e, rtol=1e-5, atol=1e-10)

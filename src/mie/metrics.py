@@ -9,9 +9,9 @@ def accuracy(probs, y):
     return float(np.mean(np.argmax(probs, axis=1) == y))
 
 
-def macro_f1(probs, y, num_classes):
-    return float(f1_score(y, np.argmax(probs, axis=1), labels=np.arange(num_classes), average="macro",
-                          zero_division=0))
+def macro_f1(probs, y):
+    """Mean F1 over the classes that occur in y or in the predictions."""
+    return float(f1_score(y, np.argmax(probs, axis=1), average="macro", zero_division=0))
 
 
 def mean_average_precision(probs, y):
@@ -22,10 +22,9 @@ def mean_average_precision(probs, y):
 
 def classification_metrics(fused, per_modality, y):
     """fused (N, K) probabilities, per_modality {m: (N, K)}, y (N,) → the metrics dict of a run."""
-    k = fused.shape[1]
     return {"accuracy": accuracy(fused, y),
-            "macro_f1": macro_f1(fused, y, k),
+            "macro_f1": macro_f1(fused, y),
             "map": mean_average_precision(fused, y),
-            "per_modality": {m: {"accuracy": accuracy(p, y), "macro_f1": macro_f1(p, y, k)}
+            "per_modality": {m: {"accuracy": accuracy(p, y), "macro_f1": macro_f1(p, y)}
                              for m, p in per_modality.items()},
             "n": int(len(y))}

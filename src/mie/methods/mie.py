@@ -115,8 +115,8 @@ class MIE(Method):
 
     def _on_device(self, m):
         if m not in self._T_device:
-            device = next(self.model.heads[m].parameters()).device
-            self._T_device[m] = [t.to(device=device, dtype=torch.float32) for t in self.T[m]]
+            p = next(self.model.heads[m].parameters())
+            self._T_device[m] = [t.to(device=p.device, dtype=p.dtype) for t in self.T[m]]
         return self._T_device[m]
 
     # ---- between stages ----------------------------------------------------------------

@@ -201,8 +201,13 @@ class MLA(Method):
         logs = {}
         if self._alphas:
             logs["mla_alpha_mean"] = sum(self._alphas) / len(self._alphas)
-        # How much of the identity is left: tr(P)/d after normalisation (1/√d for P = I/‖I‖_F).
-        logs["mla_P_trace"] = sum(float(P.trace()) / P.shape[0] for P in self.P) / len(self.P)
+        # How anisotropic the projections have become: λ_min/λ_max of each P (1 while P ∝ I; → 0 as
+        # the directions of the modalities' mean features get damped), mean over the head's layers.
+        ratios = []
+        for P in self.P:
+            lam = torch.linalg.eigvalsh((P + P.T).double() / 2)
+            ratios.append(float(lam[0] / lam[-1]) if lam[-1] > 0 else 0.0)
+        logs["mla_P_min_over_max_eig"] = sum(ratios) / len(ratios)
         return logs
 
     # ---- resume -----------------------------------------------------------------------

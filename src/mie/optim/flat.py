@@ -49,7 +49,6 @@ class InputCovariance:
                 raise TypeError(f"InputCovariance takes nn.Linear layers, got {type(layer).__name__}")
         self.covariances = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64)
                             for l in self.linears]
-        self.batches = 0
         self._handles = []
 
     def _hook(self, index):

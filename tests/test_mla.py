@@ -1,0 +1,184 @@
+"""MLA (mie.methods.mla): the OWM projection update, its α schedule, that the projection really
+acts on the shared head's weight gradient in a step, entropy fusion, and resume."""
+import copy
+import csv
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mie
+from mie.methods.mla import MLA, SharedHeadModel, owm_alpha, owm_update
+from mie.models import ClassifierHead
+
+
+# ---- the projection update, by hand ---------------------------------------------------------
+def test_owm_update_identity_by_hand():
+    # P = I, r = e1: k = e1, rᵀk = 1, P' = I − e1 e1ᵀ/(α + 1) = diag(α/(1+α), 1)
+    P = owm_update(torch.eye(2, dtype=torch.float64), torch.tensor([1.0, 0.0]), 0.1, normalize=False)
+    assert torch.allclose(P, torch.tensor([[0.1 / 1.1, 0.0], [0.0, 1.0]], dtype=torch.float64), atol=1e-12)
+    Pn = owm_update(torch.eye(2, dtype=torch.float64), torch.tensor([1.0, 0.0]), 0.1, normalize=True)
+    norm = np.sqrt((0.1 / 1.1) ** 2 + 1.0)
+    assert torch.allclose(Pn, torch.tensor([[0.1 / 1.1 / norm, 0.0], [0.0, 1.0 / norm]], dtype=torch.float64),
+                          atol=1e-12)
+
+
+def test_owm_update_general_by_hand():
+    # P = [[2,1],[1,2]], r = (1,1), α = 0.5: k = P r = (3,3), rᵀk = 6, k kᵀ = 9·1, P' = P − 9/6.5
+    P = owm_update(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64), torch.tensor([1.0, 1.0]), 0.5,
+                   normalize=False)
+    c = 9.0 / 6.5
+    assert torch.allclose(P, torch.tensor([[2 - c, 1 - c], [1 - c, 2 - c]], dtype=torch.float64), atol=1e-12)
+    # the projected direction is (almost) annihilated: P' r = α/(α + rᵀPr) · P r
+    assert torch.allclose(P @ torch.tensor([1.0, 1.0], dtype=torch.float64),
+                          torch.tensor([3.0, 3.0], dtype=torch.float64) * 0.5 / 6.5, atol=1e-12)
+
+
+def test_alpha_schedule_exponent():
+    assert owm_alpha(0, 4) == pytest.approx(0.1)
+    assert owm_alpha(2, 4) == pytest.approx(0.1 ** 1.5)       # 0.0316…
+    assert owm_alpha(3, 4) == pytest.approx(10 ** -1.75)
+    assert owm_alpha(2, 4) != pytest.approx(0.1 ** 0.5)       # not 0.1^(b/N)
+
+
+# ---- a step really projects the shared head's weight gradient ------------------------------
+def _tiny_model():
+    torch.manual_seed(0)
+    encoders = {"a": nn.Linear(3, 2), "b": nn.Linear(4, 2)}
+    return SharedHeadModel(encoders, ClassifierHead(2, 3, hidden=()))
+
+
+def _ctx(model, lr=0.5, steps=4):
+    return SimpleNamespace(modalities=model.modalities, device=torch.device("cpu"),
+                           make_optimizer=lambda params: torch.optim.SGD(list(params), lr=lr),
+                           train_batches=None, val_batches=None, epochs_per_modality=1, steps_per_epoch=steps)
+
+
+def _reference_step(ref, m, x, y, P, alpha, lr, normalize, project=True):
+    """The update of φ_m and the head by hand: P ← P − kkᵀ/(α + rᵀk) (÷‖P‖_F), ∇W ← ∇W Pᵀ, SGD."""
+    head = ref.head.linears[0]
+    with torch.no_grad():
+        r = ref.encoders[m](x).double().mean(dim=0)
+    k = P @ r
+    P = P - torch.outer(k, k) / (alpha + r @ k)
+    if normalize:
+        P = P / P.pow(2).sum().sqrt()
+    params = list(ref.encoders[m].parameters()) + [head.weight, head.bias]
+    grads = torch.autograd.grad(F.cross_entropy(ref.head(ref.encoders[m](x)), y), params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if p is head.weight and project:
+                g = (g.double() @ P.T).float()
+            p -= lr * g
+    return P
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_train_step_projects_head_weight_gradient(normalize):
+    model = _tiny_model()
+    method = MLA(normalize=normalize)
+    method.setup(model, _ctx(model))
+    method.start_epoch(0)
+    method.batch_index = 2                      # third of N = 4 batches: α = 0.1^1.5
+    torch.manual_seed(1)
+    xs = {"a": 0.3 * torch.randn(6, 3), "b": 0.3 * torch.randn(6, 4)}
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    before = copy.deepcopy(model)
+
+    ref, P = copy.deepcopy(before), torch.eye(2, dtype=torch.float64)
+    for m in ("a", "b"):                        # the modalities in turn, each its own step
+        P = _reference_step(ref, m, xs[m], y, P, 0.1 ** 1.5, 0.5, normalize)
+
+    logs = method.train_step(xs, y)
+    assert set(logs) == {"loss_a", "loss_b"}
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert torch.allclose(method.P[0].double(), P, atol=1e-6)
+
+    # the check has power: no projection, or a wrong exponent of α, gives other weights
+    for alpha, project in ((0.1 ** 1.5, False), (0.1 ** 0.5, True), (0.1 ** 3.0, True)):
+        other, Q = copy.deepcopy(before), torch.eye(2, dtype=torch.float64)
+        for m in ("a", "b"):
+            Q = _reference_step(other, m, xs[m], y, Q, alpha, 0.5, normalize, project=project)
+        assert not torch.allclose(model.head.linears[0].weight, other.head.linears[0].weight, atol=1e-4)
+
+
+def test_each_head_linear_gets_its_own_projection():
+    torch.manual_seed(0)
+    model = SharedHeadModel({"a": nn.Linear(3, 4), "b": nn.Linear(3, 4)}, ClassifierHead(4, 3, hidden=(5,)))
+    method = MLA()
+    method.setup(model, _ctx(model))
+    method.start_epoch(0)
+    assert [tuple(P.shape) for P in method.P] == [(4, 4), (5, 5)]
+    method.train_step({"a": torch.randn(8, 3), "b": torch.randn(8, 3)}, torch.randint(0, 3, (8,)))
+    for P, d in zip(method.P, (4, 5)):
+        assert not torch.allclose(P, torch.eye(d) / np.sqrt(d))   # both were updated
+
+
+# ---- inference: per-sample entropy weights ---------------------------------------------------
+def test_predict_weight_fusion_per_sample_by_hand():
+    model = _tiny_model()
+    method = MLA()
+    method.setup(model, _ctx(model))
+    xs = {"a": torch.randn(5, 3), "b": torch.randn(5, 4)}
+    model.eval()
+    fused, per = method.predict(xs)
+    pa, pb = (F.softmax(model.forward_modality(m, xs[m]), dim=-1).detach() for m in ("a", "b"))
+    assert torch.allclose(per["a"], pa) and torch.allclose(per["b"], pb)
+    ha, hb = (-(p * p.log()).sum(dim=1) for p in (pa, pb))
+    wa = torch.exp(-ha) / (torch.exp(-ha) + torch.exp(-hb))            # one weight per sample
+    assert torch.allclose(fused, wa[:, None] * pa + (1 - wa[:, None]) * pb, atol=1e-6)
+    method.fusion = "average"
+    assert torch.allclose(method.predict(xs)[0], (pa + pb) / 2, atol=1e-6)
+
+
+def test_rejects_bad_setup():
+    with pytest.raises(mie.MieInputError):
+        MLA(fusion="max")
+    model = SharedHeadModel({"a": nn.Linear(3, 2)}, ClassifierHead(2, 3, hidden=()))
+    with pytest.raises(mie.MieInputError):
+        MLA().setup(model, _ctx(model))
+
+
+# ---- end to end: three modalities, and resume after a crash --------------------------------
+def _arrays(modalities=("a", "b", "c"), n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), n // 3)
+    x = {m: rng.normal(size=(n, 4 + i)).astype(np.float32) + y[:, None] * (0.5 + i) for i, m in enumerate(modalities)}
+    return mie.MultimodalArrays(x, y)
+
+
+CFG = {"train": {"batch_size": 8, "device": "cpu"}, "model": {"dim": 8, "head_hidden": [8]}}
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_after_first_epoch(epoch, row):
+    if epoch == 0:
+        raise Crash
+
+
+def _history(path):
+    with open(path / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_three_modalities_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setitem(mie.methods.METHODS, "mla", (MLA, {}, "MLA"))
+    data = _arrays()
+    full = mie.fit(data, method="mla", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "full", progress=False)
+    assert set(full["test"]["per_modality"]) == {"a", "b", "c"}
+    with pytest.raises(Crash):
+        mie.fit(data, method="mla", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "cut", progress=False,
+                callbacks=[_crash_after_first_epoch])
+    resumed = mie.fit(data, method="mla", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "cut", resume=True,
+                      progress=False)
+    a, b = _history(tmp_path / "full"), _history(tmp_path / "cut")
+    for key in ("loss_a", "loss_b", "loss_c", "val_accuracy", "mla_P_min_over_max_eig"):
+        assert float(a[1][key]) == pytest.approx(float(b[1][key]), rel=1e-6)
+    assert resumed["test"]["accuracy"] == full["test"]["accuracy"]
