@@ -4,14 +4,25 @@ from ..errors import MieInputError
 from .base import Method
 from .joint import Joint
 from .mie import MIE
+from .ogm_ge import OGMGE
+from .opm import OPM
+from .opm_ogm import OPMOGM
+from .unimodal import Unimodal
 
 # name → (class, fixed hyper-parameters, one-line description)
 METHODS = {
     "joint": (Joint, {}, "joint training, late fusion of logits, one cross-entropy"),
+    "joint_concat": (Joint, {"fusion": "concat"}, "joint training, concatenated features → one shared head"),
+    "joint_sum": (Joint, {"fusion": "sum"}, "joint training, summed features → one shared head"),
+    "unimodal": (Unimodal, {}, "one modality alone (pass --modalities NAME)"),
     "mie": (MIE, {}, "MIE: alternating unimodal stages + SAM + flat gradient modification"),
     "mie_sam_only": (MIE, {"gm": False}, "MIE ablation: alternating stages + SAM, no GM"),
     "mie_gm_only": (MIE, {"sam": False}, "MIE ablation: alternating stages + GM, no SAM"),
     "alternating": (MIE, {"sam": False, "gm": False}, "plain alternating unimodal training (no SAM, no GM)"),
+    "ogm_ge": (OGMGE, {}, "OGM-GE: dominant encoder's gradients × (1−tanh(α·relu(ρ−1))) + Gaussian noise"),
+    "ogm": (OGMGE, {"ge": "off"}, "OGM: gradient modulation without the GE noise"),
+    "opm": (OPM, {}, "OPM: drop the dominant modality's features with probability q in the forward pass"),
+    "opm_ogm": (OPMOGM, {}, "OPM + OGM-GE together (Wei et al. TPAMI'24)"),
 }
 
 

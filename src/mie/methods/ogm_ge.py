@@ -16,9 +16,9 @@ part of z, so the scores below are taken from the same quantities that make up t
 
 Per mini-batch B_t (scores and ratios are computed without gradient):
 
-    s_u = Σ_{i∈B_t} softmax(z_u,i)[y_i]                          (CVPR'22 eq. 9)
+    s_u = Σ_{i∈B_t} softmax(z_u,i)[y_i]
     ρ_u = s_u / ( (1/(m−1)) Σ_{v≠u} s_v )                        discrepancy ratio
-    k_u = 1 − tanh(α · relu(ρ_u − c))   if ρ_u > 1,  else 1       (eq. 10), c = ``ratio_offset``
+    k_u = 1 − tanh(α · relu(ρ_u − c))   if ρ_u > 1,  else 1       c = ``ratio_offset``
 
 For m = 2 the ratio is the paper's ρ_a = s_a / s_v exactly. For m ≥ 3 we divide by the MEAN score
 of the other modalities (this library's rule; it reduces to the paper's for m = 2, and the weakest
@@ -29,17 +29,17 @@ neither reduces to a single rule, so we do not follow them.)
 
 ``ratio_offset`` c: the default c = 1 makes k_u continuous at ρ_u = 1 (k → 1 as the modalities
 become balanced), the same tanh(relu(ρ − 1)) shape the TPAMI code uses for OPM's drop
-probability. c = 0 reproduces the CVPR paper's eq. 10 and both released codes, ``1 − tanh(α ·
-relu(ρ))``, whose coefficient jumps from 1 to 1 − tanh(α) as ρ crosses 1.
+probability. c = 0 reproduces both released codes, ``1 − tanh(α · relu(ρ))`` (the CVPR code
+comments it as the paper's eq. 10, "1 − tanh(α·ρ) if ρ > 1"), whose coefficient jumps from 1 to
+1 − tanh(α) as ρ crosses 1.
 
 After ``L.backward()``, for each modality u and each parameter θ of ENCODER φ_u (heads untouched):
 
     g ← k_u · g + ε,    ε ~ N(0, (std(g) + 1e-8)²) elementwise     (GE; std of the unscaled g)
 
 with ε only when ``ge`` is on. ``ge="all"`` (default) adds ε to every modality's encoder
-gradients, as both released codes do (k_u = 1 for the weaker modality, noise all the same) and as
-the paper's update θ_{t+1}^u = θ_t^u − η(k_t^u g̃(θ_t^u) + h(θ_t^u)), h ~ N(0, Σ^sgd), writes it for
-every u; ``ge="dominant"`` adds it to the modulated modalities only; ``ge="off"`` is plain OGM. The
+gradients, as both released codes do (k_u = 1 for the weaker modality, noise all the same);
+``ge="dominant"`` adds it to the modulated modalities only; ``ge="off"`` is plain OGM. The
 noise std is that of the UNSCALED gradient, as in the TPAMI code (``grad*coeff + N(0, grad.std())``
 evaluates std before the assignment); the CVPR ``main.py`` scales in place first and so uses the
 scaled gradient's std. Tensors with one element have no std and get no noise. ``scope="encoder"``
@@ -48,6 +48,8 @@ released codes' rule (they touch 4-D conv kernels only) generalised to Linear we
 
 Modulation acts only in loop epochs ``modulation_starts <= epoch < modulation_ends`` (0-based;
 ``None``: to the end of the budget). Outside that window a step is plain joint training on z.
+(The CVPR ``main.py`` tests ``starts >= epoch >= ends``, which never holds for 0 < 50, so that code
+modulates every epoch; the TPAMI code uses ``starts <= epoch <= ends``, both ends included.)
 
 Defaults and their source: α = 0.8 (OGM-GE README's recommendation for CREMA-D, MIE's main
 benchmark; its README's VGGSound setting is 0.1; BML ``train_ogm.sh`` uses 0.8); modulation for the

@@ -1,0 +1,168 @@
+"""Unimodal training (mie.methods.unimodal) and joint training's fusion variants (mie.methods.joint):
+losses, gradients and predictions against hand computations, the one-modality check, and the loop."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mie
+import mie.methods
+from mie.errors import MieInputError
+from mie.methods.joint import Joint, SharedHeadModel
+from mie.methods.unimodal import Unimodal
+from mie.models import LateFusionModel, ModelSpec
+from mie.train import TrainContext
+
+K = 3
+SHAPES = {"a": (5,), "b": (4,)}
+DIM = 6
+
+
+def _spec(mods=("a", "b")):
+    return ModelSpec(modalities=list(mods), input_shapes={m: SHAPES[m] for m in mods},
+                     encoders={m: "mlp" for m in mods}, num_classes=K, dim=DIM, head_hidden=(7,))
+
+
+def _deterministic(model):
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model.double().train()
+
+
+def _batch(mods=("a", "b"), n=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return ({m: torch.randn(n, *SHAPES[m], generator=g, dtype=torch.float64) for m in mods},
+            torch.arange(n) % K)
+
+
+def _ctx(mods):
+    return TrainContext(modalities=list(mods), device=torch.device("cpu"),
+                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=0.0),  # grads stay visible
+                        train_batches=lambda: iter(()), val_batches=lambda: iter(()),
+                        epochs_per_modality=1, steps_per_epoch=1)
+
+
+def _grads_of(model, loss_fn):
+    ref = copy.deepcopy(model)
+    loss = loss_fn(ref)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+
+def _assert_grads(model, grads):
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name])
+
+
+# ---- unimodal -----------------------------------------------------------------------------------
+def test_unimodal_refuses_two_modalities_with_a_clear_message():
+    with pytest.raises(MieInputError, match="--modalities NAME"):
+        Unimodal().build_model(_spec())
+    model = LateFusionModel.build(_spec())
+    with pytest.raises(MieInputError, match="exactly one|one modality alone"):
+        Unimodal().setup(model, _ctx(["a", "b"]))
+
+
+def test_unimodal_step_and_prediction_by_hand():
+    method = Unimodal()
+    model = _deterministic(method.build_model(_spec(("b",))))
+    method.setup(model, _ctx(["b"]))
+    xs, y = _batch(("b",))
+    loss, grads = _grads_of(model, lambda m: F.cross_entropy(m.heads["b"](m.encoders["b"](xs["b"])), y))
+    assert method.train_step(xs, y)["loss"] == pytest.approx(loss)
+    _assert_grads(model, grads)
+    model.eval()
+    fused, per = method.predict(xs)
+    expected = F.softmax(model.heads["b"](model.encoders["b"](xs["b"])), dim=-1)
+    torch.testing.assert_close(per["b"].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused, per["b"])
+
+
+# ---- joint: default unchanged -------------------------------------------------------------------
+def test_joint_default_is_late_fusion_of_mean_logits():
+    method = Joint()
+    model = method.build_model(_spec())
+    assert isinstance(model, LateFusionModel) and method.fusion == "average"
+    model = _deterministic(model)
+    method.setup(model, _ctx(["a", "b"]))
+    xs, y = _batch()
+
+    def mean_loss(m):
+        return F.cross_entropy((m.heads["a"](m.encoders["a"](xs["a"])) + m.heads["b"](m.encoders["b"](xs["b"]))) / 2, y)
+    loss, grads = _grads_of(model, mean_loss)
+    assert method.train_step(xs, y)["loss"] == pytest.approx(loss)
+    _assert_grads(model, grads)
+
+
+# ---- joint: concat / sum with one shared head -----------------------------------------------------
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+def test_feature_fusion_step_and_predictions_by_hand(fusion):
+    method = Joint(fusion=fusion)
+    model = method.build_model(_spec())
+    assert isinstance(model, SharedHeadModel)
+    assert model.head.linears[0].in_features == (2 * DIM if fusion == "concat" else DIM)
+    model = _deterministic(model)
+    method.setup(model, _ctx(["a", "b"]))
+    xs, y = _batch()
+
+    def combine(fa, fb):
+        return torch.cat([fa, fb], dim=-1) if fusion == "concat" else fa + fb
+
+    def fused_logits(m):
+        return m.head(combine(m.encoders["a"](xs["a"]), m.encoders["b"](xs["b"])))
+
+    loss, grads = _grads_of(model, lambda m: F.cross_entropy(fused_logits(m), y))
+    assert method.train_step(xs, y)["loss"] == pytest.approx(loss)
+    _assert_grads(model, grads)
+
+    model.eval()
+    with torch.no_grad():
+        fa, fb = model.encoders["a"](xs["a"]), model.encoders["b"](xs["b"])
+        expected = F.softmax(model.head(combine(fa, fb)), dim=-1)
+        own_a = F.softmax(model.head(combine(fa, torch.zeros_like(fb))), dim=-1)   # the others zeroed
+        own_b = F.softmax(model.head(combine(torch.zeros_like(fa), fb)), dim=-1)
+    fused, per = method.predict(xs)
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per["a"].double(), own_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per["b"].double(), own_b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(per["a"], per["b"])
+
+
+def test_unknown_fusion_is_refused():
+    with pytest.raises(MieInputError, match="concat"):
+        Joint(fusion="gated")
+
+
+# ---- through the loop -----------------------------------------------------------------------------
+def _arrays(n=90, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % K
+    x = {"a": (rng.normal(size=(K, 5))[y] * 2 + rng.normal(size=(n, 5))).astype(np.float32),
+         "b": (rng.normal(size=(K, 4))[y] * 0.5 + rng.normal(size=(n, 4))).astype(np.float32)}
+    return mie.MultimodalArrays(x, y)
+
+
+CONFIG = {"model": {"dim": 8, "head_hidden": [8]}, "train": {"batch_size": 32, "device": "cpu"}}
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+def test_joint_feature_fusion_runs_through_the_loop(fusion):
+    result = mie.fit(_arrays(), method="joint", config=CONFIG, epochs=2, seed=0, progress=False, fusion=fusion)
+    assert result["method_params"]["fusion"] == fusion
+    assert set(result["test"]["per_modality"]) == {"a", "b"}
+    assert 0.0 <= result["test"]["accuracy"] <= 1.0
+
+
+def test_unimodal_runs_through_the_loop_on_one_modality(monkeypatch):
+    monkeypatch.setitem(mie.methods.METHODS, "unimodal", (Unimodal, {}, "one modality alone"))
+    data = _arrays()
+    result = mie.fit(data.select(["a"]), method="unimodal", config=CONFIG, epochs=2, seed=0, progress=False)
+    assert set(result["test"]["per_modality"]) == {"a"}
+    assert result["test"]["accuracy"] == result["test"]["per_modality"]["a"]["accuracy"]
+    with pytest.raises(MieInputError, match="--modalities"):
+        mie.fit(data, method="unimodal", config=CONFIG, epochs=1, seed=0, progress=False)
