@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mie
-from mie.methods.mla import MLA, SharedHeadModel, owm_alpha, owm_update
+from mie.methods.mla import MLA, MLAModel, owm_alpha, owm_update
 from mie.models import ClassifierHead
 
 
@@ -48,7 +48,7 @@ def test_alpha_schedule_exponent():
 def _tiny_model():
     torch.manual_seed(0)
     encoders = {"a": nn.Linear(3, 2), "b": nn.Linear(4, 2)}
-    return SharedHeadModel(encoders, ClassifierHead(2, 3, hidden=()))
+    return MLAModel(encoders, ClassifierHead(2, 3, hidden=()))
 
 
 def _ctx(model, lr=0.5, steps=4):
@@ -108,7 +108,7 @@ def test_train_step_projects_head_weight_gradient(normalize):
 
 def test_each_head_linear_gets_its_own_projection():
     torch.manual_seed(0)
-    model = SharedHeadModel({"a": nn.Linear(3, 4), "b": nn.Linear(3, 4)}, ClassifierHead(4, 3, hidden=(5,)))
+    model = MLAModel({"a": nn.Linear(3, 4), "b": nn.Linear(3, 4)}, ClassifierHead(4, 3, hidden=(5,)))
     method = MLA()
     method.setup(model, _ctx(model))
     method.start_epoch(0)
@@ -138,7 +138,7 @@ def test_predict_weight_fusion_per_sample_by_hand():
 def test_rejects_bad_setup():
     with pytest.raises(mie.MieInputError):
         MLA(fusion="max")
-    model = SharedHeadModel({"a": nn.Linear(3, 2)}, ClassifierHead(2, 3, hidden=()))
+    model = MLAModel({"a": nn.Linear(3, 2)}, ClassifierHead(2, 3, hidden=()))
     with pytest.raises(mie.MieInputError):
         MLA().setup(model, _ctx(model))
 

@@ -219,13 +219,11 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         t0 = time.perf_counter()
         model.train()
         method.start_epoch(epoch)
-        sums, count = {}, 0
+        sums, counts = {}, {}
         for batch in train_loader:
-            logs = method.train_step(*to_device(batch, device, modalities))
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-        row = {"epoch": epoch + 1, **{k: v / max(count, 1) for k, v in sums.items()}}
+            for k, v in method.train_step(*to_device(batch, device, modalities)).items():
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+        row = {"epoch": epoch + 1, **{k: v / counts[k] for k, v in sums.items()}}
         row.update(method.end_epoch(epoch))
         val = evaluate(method, eval_loaders["val"], device, modalities)
         row.update(_flat_val(val))

@@ -1,12 +1,15 @@
 """Method registry: ``create_method("mie", tau=0.4)``; ``METHODS`` maps each name to its class and
 fixed settings. A method is one file; registering it here is all the training loop needs."""
 from ..errors import MieInputError
+from .agm import AGM
 from .base import Method
 from .joint import Joint
 from .mie import MIE
+from .mla import MLA
 from .ogm_ge import OGMGE
 from .opm import OPM
 from .opm_ogm import OPMOGM
+from .pmr import PMR
 from .unimodal import Unimodal
 
 # name → (class, fixed hyper-parameters, one-line description)
@@ -23,6 +26,9 @@ METHODS = {
     "ogm": (OGMGE, {"ge": "off"}, "OGM: gradient modulation without the GE noise"),
     "opm": (OPM, {}, "OPM: drop the dominant modality's features with probability q in the forward pass"),
     "opm_ogm": (OPMOGM, {}, "OPM + OGM-GE together (Wei et al. TPAMI'24)"),
+    "mla": (MLA, {}, "MLA: shared head, per-batch alternation, OWM projection of head gradients, entropy fusion"),
+    "agm": (AGM, {}, "AGM: Shapley mono-modal responses, adaptive per-modality gradient scaling"),
+    "pmr": (PMR, {}, "PMR: class prototypes, prototype loss for the slower modality (2 modalities)"),
 }
 
 

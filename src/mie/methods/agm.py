@@ -5,7 +5,8 @@ Modulation", ICCV 2023 (arXiv 2308.07686); code: github.com/lihong2303/AGM_ICCV2
 as lihong2303/AGM).
 
 Model. Encoders φ_m (output size d) feed ONE fusion head g on their concatenation; the fused
-prediction is f(x) = g([φ_1(x_1); …; φ_M(x_M)]) (logits, B × K). "Removing" modality m means
+prediction is f(x) = g([φ_1(x_1); …; φ_M(x_M)]) (logits, B × K) — ``joint``'s "concat" model
+(``mie.methods.joint.SharedHeadModel``), as the authors' late-fusion AGM uses a concat fusion. "Removing" modality m means
 feeding it an all-zero input (the authors' ``pad_*``): for a coalition S ⊆ N = {1..M} of present
 modalities,
 
@@ -67,64 +68,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MieInputError
-from ..models import ClassifierHead, create_encoder, fuse
+from ..models import fuse
 from .base import Method
+from .joint import SharedHeadModel
 
 AGM_FUSIONS = ("model", "average", "weight")
 MAX_MODALITIES = 8
 
 
-class ConcatFusionModel(nn.Module):
-    """Encoders φ_m and one fusion head g on [φ_1(x_1); …; φ_M(x_M)]; ``forward`` → fused logits (B, K)."""
+def absent_features(model, xs):
+    """{m: φ_m(0) (1, d)}: each encoder on one all-zero sample, in eval mode."""
+    out = {}
+    for m in model.modalities:
+        enc = model.encoders[m]
+        was_training = enc.training
+        enc.eval()
+        try:
+            out[m] = enc(torch.zeros_like(xs[m][:1]))
+        finally:
+            enc.train(was_training)
+    return out
 
-    def __init__(self, encoders, head):
-        super().__init__()
-        self.encoders = nn.ModuleDict(encoders)
-        self.head = head
 
-    @property
-    def modalities(self):
-        return list(self.encoders)
-
-    def modality_parameters(self, m):
-        return list(self.encoders[m].parameters())
-
-    def features(self, xs):
-        return {m: self.encoders[m](xs[m]) for m in self.modalities}
-
-    def absent_features(self, xs):
-        """{m: φ_m(0) (1, d)}: each encoder on one all-zero sample, in eval mode."""
-        out = {}
-        for m in self.modalities:
-            enc = self.encoders[m]
-            was_training = enc.training
-            enc.eval()
-            try:
-                out[m] = enc(torch.zeros_like(xs[m][:1]))
-            finally:
-                enc.train(was_training)
-        return out
-
-    def coalition_outputs(self, xs):
-        """{frozenset(S): f(S) (B, K)} for every subset S of the modalities (present ones real)."""
-        present, absent = self.features(xs), self.absent_features(xs)
-        mods, batch = self.modalities, next(iter(present.values())).shape[0]
-        outputs = {}
-        for size in range(len(mods) + 1):
-            for S in combinations(mods, size):
-                u = [present[m] if m in S else absent[m].expand(batch, -1) for m in mods]
-                outputs[frozenset(S)] = self.head(torch.cat(u, dim=1))
-        return outputs
-
-    def forward(self, xs):
-        return self.head(torch.cat([self.encoders[m](xs[m]) for m in self.modalities], dim=1))
-
-    @classmethod
-    def build(cls, spec):
-        encoders = {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim)
-                    for m in spec.modalities}
-        head = ClassifierHead(spec.dim * len(spec.modalities), spec.num_classes, spec.head_hidden)
-        return cls(encoders, head)
+def coalition_outputs(model, xs):
+    """{frozenset(S): f(S) (B, K)} for every subset S of the modalities of a feature-fusion
+    ``SharedHeadModel``: present modalities with their features, the others with φ_m(0)."""
+    present, absent = model.features(xs), absent_features(model, xs)
+    mods, batch = model.modalities, next(iter(present.values())).shape[0]
+    outputs = {}
+    for size in range(len(mods) + 1):
+        for S in combinations(mods, size):
+            u = {m: present[m] if m in S else absent[m].expand(batch, -1) for m in mods}
+            outputs[frozenset(S)] = model.head(model.combine(u))
+    return outputs
 
 
 def shapley_responses(outputs, modalities):
@@ -201,12 +177,13 @@ class AGM(Method):
 
     # ---- set-up -----------------------------------------------------------------------
     def build_model(self, spec):
-        return ConcatFusionModel.build(spec)
+        """Joint's concatenation model: φ_m per modality, one head on [φ_1; …; φ_M]."""
+        return SharedHeadModel.build(spec, "concat")
 
     def setup(self, model, ctx):
         super().setup(model, ctx)
-        if not isinstance(model, ConcatFusionModel):
-            raise MieInputError(f"AGM trains a ConcatFusionModel; got {type(model).__name__}")
+        if not isinstance(model, SharedHeadModel):
+            raise MieInputError(f"AGM trains a feature-fusion SharedHeadModel; got {type(model).__name__}")
         M = len(model.modalities)
         if M < 2:
             raise MieInputError(f"AGM balances modalities and needs at least 2, got {model.modalities}")
@@ -226,7 +203,7 @@ class AGM(Method):
 
     def train_step(self, xs, y):
         mods = self.model.modalities
-        outputs = self.model.coalition_outputs(xs)
+        outputs = coalition_outputs(self.model, xs)
         resp = shapley_responses(outputs, mods)
         scores = {m: agm_score(resp[m], y) for m in mods}
         coeffs = agm_coefficients(scores, self.running, self.alpha, self.cap)
@@ -253,7 +230,7 @@ class AGM(Method):
     @torch.no_grad()
     def predict(self, xs):
         mods = self.model.modalities
-        outputs = self.model.coalition_outputs(xs)
+        outputs = coalition_outputs(self.model, xs)
         resp = shapley_responses(outputs, mods)
         per_modality = {m: F.softmax(resp[m].float(), dim=-1) for m in mods}
         if self.fusion == "model":

@@ -66,7 +66,7 @@ from ..models.fusion import FUSIONS
 from .base import Method
 
 
-class SharedHeadModel(nn.Module):
+class MLAModel(nn.Module):
     """One encoder per modality and ONE head shared by all: ``forward({m: x_m})`` → {m: h(φ_m(x_m))}."""
 
     def __init__(self, encoders, head):
@@ -113,6 +113,16 @@ def owm_update(P, r, alpha, normalize=True):
     return P
 
 
+def _global_mean(z):
+    """Mean over the batch rows of z (B, d); under torch.distributed, over every rank's batch, so
+    that all replicas keep the same P (their gradients are already all-reduced)."""
+    r = z.mean(dim=0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(r)
+        r = r / torch.distributed.get_world_size()
+    return r
+
+
 class _LayerInputs:
     """Records the input of each given Linear layer during forward passes (detached)."""
 
@@ -147,12 +157,12 @@ class MLA(Method):
     # ---- set-up -----------------------------------------------------------------------
     def build_model(self, spec):
         """Encoders of output size spec.dim (one d for all modalities) and one shared head."""
-        return SharedHeadModel.build(spec)
+        return MLAModel.build(spec)
 
     def setup(self, model, ctx):
         super().setup(model, ctx)
-        if not isinstance(model, SharedHeadModel):
-            raise MieInputError("MLA trains a SharedHeadModel (one head for all modalities); "
+        if not isinstance(model, MLAModel):
+            raise MieInputError("MLA trains an MLAModel (one head for all modalities); "
                                 f"got {type(model).__name__}")
         if len(model.modalities) < 2:
             raise MieInputError(f"MLA alternates between modalities and needs at least 2, got {model.modalities}")
@@ -190,8 +200,8 @@ class MLA(Method):
         loss.backward()
         alpha = self.alpha()
         for i, layer in enumerate(self.linears):
-            z = rec.inputs[i].reshape(-1, layer.in_features)
-            self.P[i] = owm_update(self.P[i], z.float().mean(dim=0), alpha, self.normalize)
+            r = _global_mean(rec.inputs[i].reshape(-1, layer.in_features).float())
+            self.P[i] = owm_update(self.P[i], r, alpha, self.normalize)
             if layer.weight.grad is not None:
                 layer.weight.grad = layer.weight.grad @ self.P[i].T.to(layer.weight.grad.dtype)
         self.optimizer.step()

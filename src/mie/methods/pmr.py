@@ -4,9 +4,12 @@ Fan, Xu, Wang, Wang, Sun, Jiang, "PMR: Prototypical Modal Rebalance for Multimod
 CVPR 2023 (arXiv 2211.07089); code: github.com/fanyunfeng-bit/Modal-Imbalance-PMR
 (``main_Prototype_grad.py``).
 
-Model and base loss. As ``joint``: encoders φ_m, one head h_m per modality, fused logits
-z = (1/M) Σ_m h_m(φ_m(x_m)) trained with L_CE = CE(z, y). PMR acts only on the encoder features
-z_m = φ_m(x_m) (d-dimensional), so it needs nothing from the fusion or the heads.
+Model and base loss. Any of ``joint``'s models, trained with L_CE = CE(z, y) of its fused logits:
+``fusion="average"`` (default) or "weight" — one head h_m per modality, z = (1/M) Σ_m h_m(φ_m(x_m));
+"concat" — one head on [φ_1(x_1); …; φ_M(x_M)] (the authors' default ``--fusion_method concat``);
+"sum" — one head on Σ_m φ_m(x_m). PMR acts only on the encoder features z_m = φ_m(x_m)
+(d-dimensional), so it needs nothing from the fusion or the heads; predictions and per-modality
+accuracies are ``joint``'s.
 
 Prototypes. For modality m and class k, the class mean of the features over the training data,
 computed with the model in eval mode and no gradient (here: one full pass of ``ctx.train_batches``),
@@ -35,13 +38,14 @@ PER, E^m = (1/|B|) Σ_i H(p^m_i), only during the first ``per_epochs`` modulated
 
     L = L_CE + β_a L^a_PCE + β_v L^v_PCE − μ (γ_a E^a + γ_v E^v).
 
-Exactly one of the two modalities has ρ > 1, so at most one β and one γ are non-zero: if v
-dominates, a is pulled towards its prototypes (β_a > 0) and v's prototype predictions are kept
-soft (γ_v > 0). The scores, ratios and coefficients are constants (no gradient); the gradients
-reach the encoders through ℓ^m only (prototypes are constants).
+At most one modality has ρ > 1, so at most one β and one γ are non-zero: if v dominates, a is
+pulled towards its prototypes (β_a > 0) and v's prototype predictions are kept soft (γ_v > 0).
+The scores, ratios, coefficients and prototypes are constants (no gradient); the PMR terms reach
+the encoders through the features in ℓ^m.
 
-Sources and differences. The paper gives the ratio and the clipped coefficients (its limiter f,
-here clip(·, 0, 1), the form BalanceBenchmark's PMR trainer implements) and the PER term with μ.
+Sources and differences. The paper defines ρ, the coefficients as a bounded increasing function of
+ρ − 1 that is zero for the dominant modality's PCE, and the PER term with μ; the bound is taken
+here as clip(·, 0, 1), the form BalanceBenchmark's PMR trainer (GeWu-Lab) implements.
 The authors' released code keeps only a sign rule (β = α if ρ_v > 1 else 0, likewise for v) and
 has no PER; it also averages the prototypes over the first 10% of a shuffled training loader,
 whereas ``ctx.train_batches`` is unshuffled, so here the whole training set is used. Defaults:
@@ -58,8 +62,7 @@ import torch.nn.functional as F
 
 from ..errors import MieInputError
 from ..models import LateFusionModel
-from ..models.fusion import FUSIONS
-from .joint import Joint
+from .joint import FEATURE_FUSIONS, LATE_FUSIONS, Joint, SharedHeadModel
 
 
 def prototype_logits(z, C):
@@ -99,9 +102,10 @@ class PMR(Joint):
 
     def __init__(self, alpha=1.0, momentum=0.2, mu=0.01, per_epochs=10, modulation_starts=0,
                  modulation_ends=None, fusion="average"):
+        if fusion not in LATE_FUSIONS + FEATURE_FUSIONS:
+            raise MieInputError(f"unknown fusion '{fusion}' for PMR; expected one of "
+                                f"{', '.join(LATE_FUSIONS + FEATURE_FUSIONS)}")
         super().__init__(fusion=fusion)
-        if fusion not in FUSIONS:
-            raise MieInputError(f"unknown fusion '{fusion}' for PMR; expected one of {FUSIONS}")
         if alpha < 0 or mu < 0:
             raise MieInputError(f"alpha and mu must be >= 0, got alpha={alpha}, mu={mu}")
         if not 0 <= momentum < 1:
@@ -114,8 +118,9 @@ class PMR(Joint):
 
     # ---- set-up -----------------------------------------------------------------------
     def setup(self, model, ctx):
-        if not isinstance(model, LateFusionModel):
-            raise MieInputError(f"PMR trains a LateFusionModel; got {type(model).__name__}")
+        if not isinstance(model, (LateFusionModel, SharedHeadModel)):
+            raise MieInputError(f"PMR trains joint's models (LateFusionModel, SharedHeadModel); "
+                                f"got {type(model).__name__}")
         if len(model.modalities) != 2:
             raise MieInputError(
                 f"PMR is defined for exactly 2 modalities, got {len(model.modalities)} ({', '.join(model.modalities)}): "
@@ -124,7 +129,8 @@ class PMR(Joint):
                 "the authors' code define them for more. Select 2 modalities (data.modalities) or use a method "
                 "that handles M modalities (mie, mla, agm).")
         super().setup(model, ctx)
-        self.num_classes = model.heads[model.modalities[0]].linears[-1].out_features
+        head = model.head if isinstance(model, SharedHeadModel) else model.heads[model.modalities[0]]
+        self.num_classes = head.linears[-1].out_features
         self.prototypes = None
 
     def modulating(self, epoch):
@@ -178,8 +184,11 @@ class PMR(Joint):
     def train_step(self, xs, y):
         model, mods = self.model, self.model.modalities
         feats = {m: model.encoders[m](xs[m]) for m in mods}
-        logits = {m: model.heads[m](feats[m]) for m in mods}
-        loss = F.cross_entropy(torch.stack([logits[m] for m in mods]).mean(dim=0), y)
+        if isinstance(model, SharedHeadModel):
+            z = model.head(model.combine(feats))
+        else:
+            z = torch.stack([model.heads[m](feats[m]) for m in mods]).mean(dim=0)
+        loss = F.cross_entropy(z, y)
         logs = {}
         if self.modulating(self._epoch):
             plog = {m: prototype_logits(feats[m], self.prototypes[m]) for m in mods}
