@@ -6,6 +6,7 @@ exits with code 2.
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def cmd_compare(args):
     args.overrides = rest
     cfg = _config(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    compare(cfg, methods, _ints(args.seeds, "--seeds"), args.out, method_overrides)
+    compare(cfg, methods, _ints(args.seeds, "--seeds"), args.out, method_overrides,
+            command=shlex.join(["mie", *args.argv]))
     print((Path(args.out) / "results.md").read_text())
 
 
@@ -161,6 +163,7 @@ def parse_args(argv):
         raise MieInputError(f"`mie {args.command}` takes no section.key=value overrides, got {overrides[0]}")
     if overrides:
         args.overrides = list(args.overrides) + overrides
+    args.argv = argv
     return args
 
 

@@ -8,8 +8,10 @@ resumed, so an interrupted comparison continues where it stopped.
 import csv
 import io
 import json
+import os
 import platform
 import statistics
+import subprocess
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ def method_config(cfg, name, overrides):
     return config_mod.validate(out)
 
 
-def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, log=print):
+def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, log=print, command=None):
     """Run the grid; return the per-run rows. ``cfg``'s method section is ignored: each method
     starts from its own defaults, and ``method_overrides`` ({key: value}) are applied to every
     method that has that hyper-parameter."""
@@ -61,7 +63,7 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
             log(f"{name:>14} seed {seed}: test acc {result['test']['accuracy']:.4f} ({per})  "
                 f"{result['seconds']:.1f}s")
     write_text(out / "results.csv", rows_csv(rows))
-    write_text(out / "results.md", results_markdown(rows, cfg, methods, seeds))
+    write_text(out / "results.md", results_markdown(rows, cfg, methods, seeds, command))
     return rows
 
 
@@ -89,7 +91,20 @@ def mean_std(values):
     return m, s
 
 
-def results_markdown(rows, cfg, methods, seeds):
+def source_revision():
+    """The git commit of the working directory (with "+changes" if it has uncommitted edits), or None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def results_markdown(rows, cfg, methods, seeds, command=None):
     """The comparison table: mean ± std over seeds for each method, best fused accuracy in bold."""
     metrics = [k for k in rows[0] if k.startswith("test_")] + ["val_accuracy"]
     label = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "test_map": "test MAP",
@@ -112,6 +127,9 @@ def results_markdown(rows, cfg, methods, seeds):
              f"{cfg['train']['epochs']} epochs per modality for every method; checkpoint chosen on "
              f"validation {cfg['train']['select_on']}, test read once.",
              "Columns `acc <modality>`: that modality's own head alone (test).",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-             f"Python {platform.python_version()}."]
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+             f"torch {torch.__version__}, Python {platform.python_version()}"
+             + (f"; mie commit {source_revision()}." if source_revision() else ".")]
+    if command:
+        notes.insert(0, f"Command: `{command}`")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
