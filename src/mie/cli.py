@@ -57,6 +57,14 @@ def build_parser():
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for runs and results")
 
+    p = sub.add_parser("benchmark", help="every method on every offline dataset setting → one report")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0,1,2,3,4)")
+    p.add_argument("--methods", help="comma-separated method names (default: all)")
+    p.add_argument("--settings", help="comma-separated settings (default: mfeat_pix_zer,mfeat_all_views,basicmotions)")
+    p.add_argument("--out", default="runs/benchmark", metavar="DIR", help="folder for the runs")
+    p.add_argument("--report", default="docs/results.md", metavar="FILE.md", help="the generated report")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
+
     sub.add_parser("methods", help="list the training methods and their hyper-parameters")
     sub.add_parser("datasets", help="list the built-in datasets")
     return parser
@@ -132,6 +140,14 @@ def cmd_compare(args):
     print((Path(args.out) / "results.md").read_text())
 
 
+def cmd_benchmark(args):
+    from .benchmark import benchmark
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None
+    benchmark(args.out, args.report, _ints(args.seeds, "--seeds"), split(args.methods), split(args.settings),
+              args.overrides, command=shlex.join(["mie", *args.argv]))
+    print(f"report written to {args.report}")
+
+
 def cmd_methods(args):
     from .methods import METHODS, method_params
     for name, (_, fixed, description) in METHODS.items():
@@ -147,7 +163,8 @@ def cmd_datasets(args):
           "0/1/2 = train/val/test")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "methods": cmd_methods,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "benchmark": cmd_benchmark,
+            "methods": cmd_methods,
             "datasets": cmd_datasets}
 
 

@@ -50,21 +50,29 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
     rows = []
     for name in methods:
         for seed in seeds:
-            run_cfg = method_config(cfg, name, overrides)
-            run_cfg["train"]["seed"] = seed
-            run_dir = out / name / f"seed_{seed}"
-            metrics_path = run_dir / "metrics.json"
-            if metrics_path.exists():
-                result = json.loads(metrics_path.read_text())
-            else:
-                result = run(run_cfg, arrays, out_dir=run_dir, resume=True, progress=progress)
+            result = run_or_load(method_config(cfg, name, overrides), seed, arrays, out / name / f"seed_{seed}",
+                                 progress)
             rows.append(result_row(result))
-            per = ", ".join(f"{m} {v['accuracy']:.3f}" for m, v in result["test"]["per_modality"].items())
-            log(f"{name:>14} seed {seed}: test acc {result['test']['accuracy']:.4f} ({per})  "
-                f"{result['seconds']:.1f}s")
+            log(run_line(name, result))
     write_text(out / "results.csv", rows_csv(rows))
     write_text(out / "results.md", results_markdown(rows, cfg, methods, seeds, command))
     return rows
+
+
+def run_or_load(cfg, seed, data, run_dir, progress=None):
+    """The result of one run: read back from ``run_dir`` when finished there, else trained
+    (resuming from its last checkpoint when one exists)."""
+    metrics_path = Path(run_dir) / "metrics.json"
+    if metrics_path.exists():
+        return json.loads(metrics_path.read_text())
+    cfg = config_mod.merge(cfg, {"train": {"seed": seed}})
+    return run(cfg, data, out_dir=run_dir, resume=True, progress=progress)
+
+
+def run_line(label, result):
+    per = ", ".join(f"{m} {v['accuracy']:.3f}" for m, v in result["test"]["per_modality"].items())
+    return (f"{label:>16} seed {result['seed']}: test acc {result['test']['accuracy']:.4f} ({per})  "
+            f"{result['seconds']:.1f}s")
 
 
 def result_row(result):
@@ -78,8 +86,11 @@ def result_row(result):
 
 
 def rows_csv(rows):
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -89,6 +100,33 @@ def mean_std(values):
     m = statistics.fmean(values)
     s = statistics.stdev(values) if len(values) > 1 else 0.0
     return m, s
+
+
+def results_table(rows, labels):
+    """Markdown table, one line per label in ``labels`` (rows' "method"): mean ± std over its
+    runs of every test metric, each modality's own accuracy, validation accuracy and seconds.
+    A modality a method does not see is shown as –; the best fused accuracy is in bold."""
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k.startswith("test_") and k not in columns]
+    columns.append("val_accuracy")
+    names = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "test_map": "test MAP",
+             "val_accuracy": "val acc"}
+    header = ["method"] + [names.get(k, k.replace("test_acc_", "acc ")) for k in columns] + ["s / run"]
+    summary = {}
+    for label in labels:
+        mine = [r for r in rows if r["method"] == label]
+        summary[label] = {k: mean_std([float(r[k]) for r in mine]) for k in columns + ["seconds"]
+                          if all(r.get(k) not in (None, "") for r in mine)}
+    best = max(labels, key=lambda n: summary[n]["test_accuracy"][0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label in labels:
+        cells = [f"{summary[label][k][0]:.4f} ± {summary[label][k][1]:.4f}" if k in summary[label] else "–"
+                 for k in columns]
+        if label == best:
+            cells[0] = f"**{cells[0]}**"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {summary[label]['seconds'][0]:.1f} |")
+    return "\n".join(lines)
 
 
 def source_revision():
@@ -104,32 +142,23 @@ def source_revision():
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def machine_line():
+    revision = source_revision()
+    return (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}"
+            + (f"; mie commit {revision}." if revision else "."))
+
+
+def protocol_line(cfg, seeds):
+    return (f"Seeds {', '.join(map(str, seeds))}; {cfg['train']['epochs']} epochs per modality for every method; "
+            f"checkpoint chosen on validation {cfg['train']['select_on']}, test read once. "
+            "Columns `acc <modality>`: that modality's own prediction alone (test).")
+
+
 def results_markdown(rows, cfg, methods, seeds, command=None):
-    """The comparison table: mean ± std over seeds for each method, best fused accuracy in bold."""
-    metrics = [k for k in rows[0] if k.startswith("test_")] + ["val_accuracy"]
-    label = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "test_map": "test MAP",
-             "val_accuracy": "val acc"}
-    header = ["method"] + [label.get(k, k.replace("test_acc_", "acc ")) for k in metrics] + ["s / run"]
-    summary = {}
-    for name in methods:
-        mine = [r for r in rows if r["method"] == name]
-        summary[name] = {k: mean_std([r[k] for r in mine]) for k in metrics + ["seconds"]}
-    best = max(methods, key=lambda n: summary[n]["test_accuracy"][0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in methods:
-        cells = [f"{summary[name][k][0]:.4f} ± {summary[name][k][1]:.4f}" for k in metrics]
-        if name == best:
-            cells[0] = f"**{cells[0]}**"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary[name]['seconds'][0]:.1f} |")
+    """The comparison table and what it was run on."""
     data = cfg["data"]["dataset"] or cfg["data"]["path"]
     mods = ", ".join(r.replace("test_acc_", "") for r in rows[0] if r.startswith("test_acc_"))
-    notes = [f"Data: {data} (modalities {mods}); seeds {', '.join(map(str, seeds))}; "
-             f"{cfg['train']['epochs']} epochs per modality for every method; checkpoint chosen on "
-             f"validation {cfg['train']['select_on']}, test read once.",
-             "Columns `acc <modality>`: that modality's own head alone (test).",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
-             f"torch {torch.__version__}, Python {platform.python_version()}"
-             + (f"; mie commit {source_revision()}." if source_revision() else ".")]
-    if command:
-        notes.insert(0, f"Command: `{command}`")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    notes = ([f"Command: `{command}`"] if command else []) + [
+        f"Data: {data} (modalities {mods}).", protocol_line(cfg, seeds), machine_line()]
+    return results_table(rows, methods) + "\n\n" + "\n".join(notes) + "\n"
