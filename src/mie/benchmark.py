@@ -10,11 +10,11 @@ import datetime
 from pathlib import Path
 
 from . import config as config_mod
-from .compare import machine_line, method_config, protocol_line, result_row, results_table, rows_csv, run_line, run_or_load
+from .compare import machine_line, method_config, protocol_line, result_row, results_table, run_line, run_or_load
 from .data import load_dataset
 from .data.mfeat import VIEWS
 from .errors import MieInputError
-from .io import write_text
+from .io import csv_text, write_text
 from .methods import METHODS
 
 SETTINGS = {
@@ -78,6 +78,6 @@ def benchmark(out_dir, report, seeds, methods=None, settings=None, overrides=(),
     if command:
         head += [f"Command: `{command}`", ""]
     head += [machine_line(), f"Finished {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}.", ""]
-    write_text(Path(out_dir) / "results.csv", rows_csv(all_rows))
+    write_text(Path(out_dir) / "results.csv", csv_text(all_rows))
     write_text(report, "\n".join(head) + "\n" + "\n".join(sections))
     return all_rows

@@ -5,8 +5,6 @@ per run) and ``results.md`` (mean ± std over seeds per method: fused and per-mo
 metrics, validation accuracy, seconds per run). Finished runs are read back, unfinished ones
 resumed, so an interrupted comparison continues where it stopped.
 """
-import csv
-import io
 import json
 import os
 import platform
@@ -19,7 +17,7 @@ import torch
 from . import config as config_mod
 from .data.prepare import load_arrays
 from .errors import MieInputError
-from .io import write_text
+from .io import csv_text, write_text
 from .methods import method_params
 from .train import run
 
@@ -54,7 +52,7 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
                                  progress)
             rows.append(result_row(result))
             log(run_line(name, result))
-    write_text(out / "results.csv", rows_csv(rows))
+    write_text(out / "results.csv", csv_text(rows))
     write_text(out / "results.md", results_markdown(rows, cfg, methods, seeds, command))
     return rows
 
@@ -83,17 +81,6 @@ def result_row(result):
     row.update({"val_accuracy": result["val"]["accuracy"], "best_epoch": result["best_epoch"],
                 "loop_epochs": result["loop_epochs"], "seconds": result["seconds"]})
     return row
-
-
-def rows_csv(rows):
-    columns = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def mean_std(values):

@@ -1,4 +1,6 @@
 """Atomic writes: a result file is either complete or absent, never half-written."""
+import csv
+import io
 import json
 import os
 import tempfile
@@ -35,3 +37,15 @@ def write_json(path, obj):
 def save_torch(path, obj):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def csv_text(rows):
+    """CSV of dict rows; the columns are every key, in order of first appearance."""
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -6,8 +6,6 @@
                     keep the best checkpoint by validation; write history.csv and last.pt
     test is evaluated once, at the end, with the checkpoint validation chose.
 """
-import csv
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from torch.utils.data import DataLoader
 from . import config as config_mod
 from .data.prepare import load_arrays, prepare_arrays, prepare_datasets
 from .errors import MieInputError
-from .io import atomic_path, save_torch, write_json, write_text
+from .io import atomic_path, csv_text, save_torch, write_json, write_text
 from .methods import create_method
 from .metrics import classification_metrics
 from .models import ModelSpec, default_encoder
@@ -94,17 +92,6 @@ def evaluate(method, data_loader, device, modalities):
     """The metrics dict (accuracy, macro_f1, map, per_modality) of ``method`` on a loader."""
     fused, per, y = predict_all(method, data_loader, device, modalities)
     return classification_metrics(fused, per, y)
-
-
-def _history_csv(rows):
-    columns = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def _flat_val(metrics):
@@ -239,7 +226,7 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if out is not None:
-            write_text(out / "history.csv", _history_csv(state["history"]))
+            write_text(out / "history.csv", csv_text(state["history"]))
             save_torch(out / "checkpoints" / "last.pt",
                        {"config": cfg, "model": model.state_dict(), "method": method.state_dict(),
                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),

@@ -1,0 +1,413 @@
+"""Greedy — balanced multi-modal learning guided by the conditional learning speed.
+
+Wu, Jastrzębski, Cho, Geras, "Characterizing and Overcoming the Greedy Nature of Learning in
+Multi-modal Deep Neural Networks", ICML 2022 (PMLR 162, arXiv 2202.05306); code:
+github.com/nyukat/greedy_multimodal_learning (``src/model.py``, ``src/balanced_mmtm.py``,
+``src/callbacks.py: Bias_Mitigation_Strong``, ``configs/training_guided.gin``). Re-implemented in
+GeWu-Lab/BalanceBenchmark (``balancemm/trainer/Greedy_trainer.py``).
+
+Model (``GreedyModel``). One branch per modality k: encoder φ_k (output size d) and head h_k. The
+branches are connected by a cross-modal fusion layer in the style of MMTM (Joze et al., CVPR 2020),
+as the paper's multi-branch DNN is. With the branch features u_k = φ_k(x_k) (B × d):
+
+    S    = [u_1; …; u_M]                              squeeze: concatenation (B × M·d)
+    Z    = ReLU(W_s S + b_s)                          W_s: (2·M·d/ratio) × M·d, shared
+    E_k  = σ(W_k Z + b_k)                             excitation of branch k (B × d)
+    ŷ_k  = h_k(u_k ⊙ E_k)                             branch k's logits
+    ŷ    = (1/M) Σ_k ŷ_k                              the model's prediction (fused logits)
+    L    = Σ_k CE(ŷ_k, y)                             the released code's ``blend_loss``
+
+Uni-modal DNN derived from the model (``GreedyModel.cut_logits``): f'_k, the branch k with every
+other modality's squeeze input replaced by its mean over the training set, ū_j = mean_i φ_j(x_j,i)
+(eval mode; the released ``eval.py`` with ``mmtm_off``/``average_squeezemaps``):
+
+    ŷ'_k = h_k(u_k ⊙ σ(W_k ReLU(W_s [ū_1; …; u_k; …; ū_M] + b_s) + b_k))
+
+Conditional utilization rate (the paper's diagnostic, measured here after every epoch on the
+validation data; A = accuracy): the gain in accuracy when the model has access to the other
+modalities in addition to modality k,
+
+    u(others | k) = (A(ŷ) − A(ŷ'_k)) / A(ŷ),        d_util = u(m_1|m_0) − u(m_0|m_1)  (M = 2).
+
+Conditional learning speed (the paper's proxy for u, computed from the gradients of every normal
+step, as ``Bias_Mitigation_Strong.compute_BDR``). For a group of parameter tensors θ,
+μ(θ; t) = Σ‖∇θ L_t‖² / Σ‖θ_t‖² (sums over the group's tensors, before the step). For branch k,
+the "main" group is θ_k = φ_k ∪ h_k and the "bypass" group is θ_{→k} = {W_s, b_s, W_k, b_k}, the
+fusion-layer parameters that carry the other modalities into branch k; with the accumulations
+over all normal steps so far, M_main_k = Σ_{i≤t} μ(θ_k; i), M_bypass_k = Σ_{i≤t} μ(θ_{→k}; i),
+
+    s(others | k; t) = log10( M_bypass_k / M_main_k )
+    d_speed = s(m_1 | m_0) − s(m_0 | m_1)                     (M = 2; the code's BDR_0 − BDR_1)
+
+A large s(m_1|m_0) means branch 0 learns from m_1 faster than from its own modality m_0: m_0 is the
+slower-to-learn modality.
+
+Balanced multi-modal learning (the paper's Algorithm 1, as ``Bias_Mitigation_Strong``). Steps
+alternate between normal steps and re-balancing steps:
+
+    normal step:  L.backward(); update M_main, M_bypass; d = d_speed;
+                  if epoch ≥ warmup_epochs and |d| > α:
+                      k ← m_0 if d > 0 else m_1     (the slower modality)
+                      the next Q (``window``) steps are re-balancing steps for k
+                  optimizer step on every parameter
+    re-balancing step for k:  ŷ''_k = h_k(φ_k(x_k) ⊙ Ē_k),  L'' = CE(ŷ''_k, y)
+                  Ē_k = running mean of the batch-mean excitation E_k over the normal steps
+                  (the released ``running_avg_weight``); branch k sees only its own modality,
+                  and only θ_k = φ_k ∪ h_k receives gradients and is updated.
+
+M_main and M_bypass are not updated in re-balancing steps (as in the released code).
+
+What is kept and what is adapted:
+  * kept: the branch-per-modality model with averaged branch logits and the summed branch
+    losses; the MMTM squeeze–excitation fusion (sigmoid excitation, shared squeeze layer, width
+    2·(Σ dims)/ratio, ratio = 4); μ as ratio of summed squared norms per group; the cumulative
+    sums and log10; the trigger |d| > α after the backward of a normal step, Q following
+    re-balancing steps; the slower modality's excitation replaced by its running mean.
+  * adapted: the paper inserts MMTM after ResNet stages 2, 3 and 4; ``mie``'s encoders are black
+    boxes, so ONE fusion layer acts on the encoder outputs (where the paper's last MMTM sits,
+    before the heads; for vector features the squeeze's spatial mean is the identity). The
+    bypass group is that one layer.
+  * adapted: in a re-balancing step only the slower branch is updated, on its own cross-entropy
+    (the paper's description and this library's brief); the released callback instead keeps the
+    summed loss of both branches and steps every parameter while the slower branch's excitation is
+    replaced by its running mean.
+  * fixed bugs of the released code: its running mean of the second modality's excitation is fed
+    with the FIRST modality's excitation (``running_avg_weight_skeleton`` ← ``vis_out``), and the
+    running means also absorb evaluation passes; here Ē_k is the mean of E_k over training
+    (normal) steps only.
+  * u is measured on validation every epoch (the paper measures it once, on test, after training).
+  * the per-modality prediction reported by ``mie`` (``val_acc_<m>``) is ŷ'_k, the uni-modal DNN.
+
+Defaults and their sources: α = 0.01 (``Bias_Mitigation_Strong.epsilon`` in
+``configs/training_guided.gin``; BalanceBenchmark uses 0.001), Q = 5
+(``curation_windowsize``; BalanceBenchmark ``window_size: 5``), warmup_epochs = 1
+(``starting_epoch=2`` with the released loop's 1-based epochs: re-balancing starts in the second
+epoch; BalanceBenchmark starts at once), ratio = 4 (``MMTM(128, 128, 4)``).
+
+Three or more modalities. Every quantity above is per branch: u(others|k) compares f with the
+branch k cut from all the others, s(others|k) the bypass of branch k with its main path. ``mie``
+uses, for any M ≥ 2, the rule: re-balance the modality k = argmax_k s(others|k) when the spread
+max_k s − min_k s exceeds α. For M = 2 the spread is |d_speed| and the argmax is m_0 exactly when
+d_speed > 0, so this is the paper's rule. The logged ``greedy_d_speed`` is the signed d_speed for
+M = 2 and the spread for M ≥ 3; ``greedy_d_util`` likewise.
+
+Logged per step (averaged per epoch): ``loss`` (normal steps), ``greedy_rebalance_loss``,
+``greedy_rebalancing`` (fraction of re-balancing steps), ``greedy_rebalance_<m>`` (fraction of
+steps re-balancing m), ``greedy_d_speed`` (normal steps). After each epoch: ``greedy_speed_<o>_given_<m>``
+(s(o|m), o = the other modality, or "others" for M ≥ 3), ``greedy_util_<o>_given_<m>``,
+``greedy_d_util``, and the accuracies behind u: ``greedy_acc_fused``, ``greedy_acc_branch_<m>`` (ŷ_m)
+and ``greedy_acc_uni_<m>`` (ŷ'_m).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MieInputError
+from ..models import ClassifierHead, create_encoder, fuse
+from .base import Method
+
+GREEDY_FUSIONS = ("average", "weight")
+UTILIZATION_SPLITS = ("val", "train", None)
+
+
+class GreedyModel(nn.Module):
+    """Branches φ_k → (MMTM excitation) → h_k; ``forward(xs)`` → {k: ŷ_k (B, K)}.
+
+    Buffers (saved with the model, so checkpoints and ``mie eval`` carry them): ``excite_mean``
+    (M, d): Ē_k, ``excite_count``: normal steps averaged into it, ``squeeze_mean`` (M, d): ū_k.
+    """
+
+    def __init__(self, encoders, heads, dim, ratio=4):
+        super().__init__()
+        if list(encoders) != list(heads):
+            raise ValueError("encoders and heads must name the same modalities in the same order")
+        self.encoders = nn.ModuleDict(encoders)
+        self.heads = nn.ModuleDict(heads)
+        M = len(encoders)
+        hidden = max(1, int(2 * M * dim / ratio))
+        self.squeeze = nn.Linear(M * dim, hidden)
+        self.excite = nn.ModuleDict({m: nn.Linear(hidden, dim) for m in encoders})
+        self.register_buffer("excite_mean", torch.zeros(M, dim))
+        self.register_buffer("excite_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("squeeze_mean", torch.zeros(M, dim))
+
+    @property
+    def modalities(self):
+        return list(self.encoders)
+
+    def index(self, m):
+        return self.modalities.index(m)
+
+    # ---- parameter groups ----------------------------------------------------------------
+    def branch_parameters(self, m):
+        """θ_m: encoder φ_m and head h_m (the branch's "main" path)."""
+        return list(self.encoders[m].parameters()) + list(self.heads[m].parameters())
+
+    def bypass_parameters(self, m):
+        """θ_{→m}: the shared squeeze layer and branch m's excitation layer."""
+        return list(self.squeeze.parameters()) + list(self.excite[m].parameters())
+
+    # ---- forward pieces -------------------------------------------------------------------
+    def features(self, xs):
+        return {m: self.encoders[m](xs[m]) for m in self.modalities}
+
+    def excitations(self, feats):
+        """{m: E_m = σ(W_m ReLU(W_s [u_1; …; u_M] + b_s) + b_m)} (B, d)."""
+        z = F.relu(self.squeeze(torch.cat([feats[m] for m in self.modalities], dim=-1)))
+        return {m: torch.sigmoid(self.excite[m](z)) for m in self.modalities}
+
+    def branch_logits(self, feats, excitations):
+        return {m: self.heads[m](feats[m] * excitations[m]) for m in self.modalities}
+
+    def forward(self, xs):
+        feats = self.features(xs)
+        return self.branch_logits(feats, self.excitations(feats))
+
+    def cut_logits(self, feats, m):
+        """ŷ'_m: branch m with every other modality's squeeze input replaced by ū (its mean)."""
+        batch = feats[m].shape[0]
+        squeezed = {v: f if v == m else self.squeeze_mean[self.index(v)].to(f.dtype).expand(batch, -1)
+                    for v, f in feats.items()}
+        return self.heads[m](feats[m] * self.excitations(squeezed)[m])
+
+    def rebalance_logits(self, x, m):
+        """ŷ''_m = h_m(φ_m(x_m) ⊙ Ē_m): branch m on its own modality with the running-mean excitation."""
+        u = self.encoders[m](x)
+        return self.heads[m](u * self.excite_mean[self.index(m)].to(u.dtype))
+
+    @torch.no_grad()
+    def update_excite_mean(self, excitations):
+        """Ē ← (Ē·n + mean_batch E)/(n + 1), n ← n + 1."""
+        n = self.excite_count.item()
+        batch_mean = torch.stack([excitations[m].detach().to(self.excite_mean.dtype).mean(dim=0)
+                                  for m in self.modalities])
+        self.excite_mean.copy_((self.excite_mean * n + batch_mean) / (n + 1))
+        self.excite_count += 1
+
+    @classmethod
+    def build(cls, spec, ratio=4):
+        encoders = {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim) for m in spec.modalities}
+        heads = {m: ClassifierHead(spec.dim, spec.num_classes, spec.head_hidden) for m in spec.modalities}
+        return cls(encoders, heads, spec.dim, ratio)
+
+
+# ---- the paper's quantities, as plain functions ------------------------------------------------
+def grad_param_ratio(params):
+    """μ(θ) = Σ‖∇θ‖² / Σ‖θ‖² over a group of tensors (float64; a missing gradient counts as 0)."""
+    g = w = 0.0
+    for p in params:
+        w += float(p.detach().double().pow(2).sum())
+        if p.grad is not None:
+            g += float(p.grad.detach().double().pow(2).sum())
+    return g / w if w > 0 else math.nan
+
+
+def conditional_speeds(m_bypass, m_main):
+    """s(others|k) = log10(M_bypass_k / M_main_k) for each modality k ({k: float} → {k: float})."""
+    out = {}
+    for k in m_main:
+        b, a = m_bypass[k], m_main[k]
+        out[k] = math.log10(b / a) if a > 0 and b > 0 else math.nan
+    return out
+
+
+def speed_imbalance(speeds):
+    """d_speed = s(m_1|m_0) − s(m_0|m_1) for two modalities; max − min for more."""
+    vals = list(speeds.values())
+    return vals[0] - vals[1] if len(vals) == 2 else max(vals) - min(vals)
+
+
+def rebalance_target(speeds, alpha):
+    """The modality to re-balance, or None: argmax_k s_k if max s − min s > α (M = 2: |d_speed| > α,
+    the first modality when d_speed > 0, the second when d_speed < 0)."""
+    if any(math.isnan(v) for v in speeds.values()):
+        return None
+    hi = max(speeds, key=speeds.get)
+    lo = min(speeds, key=speeds.get)
+    return hi if speeds[hi] - speeds[lo] > alpha else None
+
+
+def utilization_rates(acc_fused, acc_uni):
+    """u(others|k) = (A(ŷ) − A(ŷ'_k)) / A(ŷ) ({k: A(ŷ'_k)} → {k: u}); NaN when A(ŷ) = 0."""
+    return {k: (acc_fused - a) / acc_fused if acc_fused > 0 else math.nan for k, a in acc_uni.items()}
+
+
+class Greedy(Method):
+    name = "greedy"
+
+    def __init__(self, alpha=0.01, window=5, warmup_epochs=1, ratio=4, utilization="val", fusion="average"):
+        super().__init__(fusion=fusion)
+        if fusion not in GREEDY_FUSIONS:
+            raise MieInputError(f"unknown fusion '{fusion}' for greedy; expected one of {GREEDY_FUSIONS} "
+                                "('average': softmax of the mean branch logits, the model's prediction)")
+        if not alpha >= 0:
+            raise MieInputError(f"alpha (the speed-imbalance threshold) must be >= 0, got {alpha}")
+        if isinstance(window, bool) or int(window) != window or window < 0:
+            raise MieInputError(f"window (re-balancing steps per trigger) must be an integer >= 0, got {window}")
+        if isinstance(warmup_epochs, bool) or int(warmup_epochs) != warmup_epochs or warmup_epochs < 0:
+            raise MieInputError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs}")
+        if not ratio > 0:
+            raise MieInputError(f"ratio (MMTM squeeze reduction) must be > 0, got {ratio}")
+        if utilization not in UTILIZATION_SPLITS:
+            raise MieInputError(f"utilization must be 'val', 'train' or None (no measurement), got {utilization!r}")
+        self.alpha, self.window, self.warmup_epochs = float(alpha), int(window), int(warmup_epochs)
+        self.ratio, self.utilization = ratio, utilization
+
+    # ---- set-up -----------------------------------------------------------------------
+    def build_model(self, spec):
+        return GreedyModel.build(spec, self.ratio)
+
+    def setup(self, model, ctx):
+        if not isinstance(model, GreedyModel):
+            raise MieInputError(f"greedy trains a GreedyModel (branches joined by an MMTM fusion layer); "
+                                f"got {type(model).__name__}")
+        if len(model.modalities) < 2:
+            raise MieInputError(f"greedy balances two or more modalities, but the data has only "
+                                f"{', '.join(model.modalities)}; use method 'unimodal' for one modality")
+        super().setup(model, ctx)
+        self.optimizer = ctx.make_optimizer(model.parameters())
+        self.m_main = {m: 0.0 for m in model.modalities}
+        self.m_bypass = {m: 0.0 for m in model.modalities}
+        self.rebalance_left = 0
+        self.rebalance_modality = None
+        self._epoch = 0
+
+    def active(self, epoch=None):
+        """Whether re-balancing may be triggered in loop epoch ``epoch`` (after the warm-up)."""
+        return (self._epoch if epoch is None else epoch) >= self.warmup_epochs
+
+    def _other(self, m):
+        mods = self.model.modalities
+        return [v for v in mods if v != m][0] if len(mods) == 2 else "others"
+
+    # ---- training ---------------------------------------------------------------------
+    def start_epoch(self, epoch):
+        self._epoch = epoch
+
+    def train_step(self, xs, y):
+        mods = self.model.modalities
+        if self.rebalance_left > 0:
+            return self._rebalance_step(self.rebalance_modality, xs, y)
+        feats = self.model.features(xs)
+        excitations = self.model.excitations(feats)
+        logits = self.model.branch_logits(feats, excitations)
+        loss = sum(F.cross_entropy(logits[m], y) for m in mods)
+        self.model.update_excite_mean(excitations)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        speeds = self.accumulate_speeds()
+        target = rebalance_target(speeds, self.alpha) if self.active() and self.window > 0 else None
+        if target is not None:
+            self.rebalance_modality, self.rebalance_left = target, self.window
+        self.optimizer.step()
+        logs = {"loss": loss.item(), "greedy_rebalancing": 0.0, "greedy_d_speed": speed_imbalance(speeds)}
+        logs.update({f"greedy_rebalance_{m}": 0.0 for m in mods})
+        return logs
+
+    def _rebalance_step(self, k, xs, y):
+        loss = F.cross_entropy(self.model.rebalance_logits(xs[k], k), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()                      # reaches φ_k and h_k only
+        self.optimizer.step()
+        self.rebalance_left -= 1
+        logs = {"greedy_rebalance_loss": loss.item(), "greedy_rebalancing": 1.0}
+        logs.update({f"greedy_rebalance_{m}": float(m == k) for m in self.model.modalities})
+        return logs
+
+    def accumulate_speeds(self):
+        """Add μ(θ_k) and μ(θ_{→k}) of the gradients now in the model to M_main, M_bypass; return s."""
+        for m in self.model.modalities:
+            self.m_main[m] += grad_param_ratio(self.model.branch_parameters(m))
+            self.m_bypass[m] += grad_param_ratio(self.model.bypass_parameters(m))
+        return self.speeds()
+
+    def speeds(self):
+        """{k: s(others|k)} from the accumulations so far."""
+        return conditional_speeds(self.m_bypass, self.m_main)
+
+    # ---- between epochs -----------------------------------------------------------------
+    def end_epoch(self, epoch):
+        self.update_squeeze_mean()
+        speeds = self.speeds()
+        logs = {f"greedy_speed_{self._other(m)}_given_{m}": s for m, s in speeds.items()}
+        if self.utilization is not None:
+            logs.update(self.measure_utilization())
+        return logs
+
+    @torch.no_grad()
+    def update_squeeze_mean(self):
+        """ū_k = mean over the training set of φ_k(x_k), the encoders in eval mode."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            sums, n = None, 0
+            for xs, _ in self.ctx.train_batches():
+                feats = model.features(xs)
+                batch = torch.stack([feats[m].double().sum(dim=0) for m in model.modalities])
+                sums = batch if sums is None else sums + batch
+                n += next(iter(feats.values())).shape[0]
+            if n:
+                model.squeeze_mean.copy_((sums / n).to(model.squeeze_mean.dtype))
+        finally:
+            model.train(was_training)
+
+    @torch.no_grad()
+    def measure_utilization(self):
+        """A(ŷ), A(ŷ_k), A(ŷ'_k) and u(others|k) over the chosen split, in eval mode."""
+        model = self.model
+        batches = self.ctx.val_batches if self.utilization == "val" else self.ctx.train_batches
+        was_training = model.training
+        model.eval()
+        correct_f, correct_b, correct_u, n = 0, {}, {}, 0
+        try:
+            for xs, y in batches():
+                feats = model.features(xs)
+                logits = model.branch_logits(feats, model.excitations(feats))
+                fused = torch.stack([logits[m] for m in model.modalities]).mean(dim=0)
+                correct_f += int((fused.argmax(dim=1) == y).sum())
+                for m in model.modalities:
+                    correct_b[m] = correct_b.get(m, 0) + int((logits[m].argmax(dim=1) == y).sum())
+                    correct_u[m] = correct_u.get(m, 0) + int((model.cut_logits(feats, m).argmax(dim=1) == y).sum())
+                n += len(y)
+        finally:
+            model.train(was_training)
+        if n == 0:
+            return {}
+        acc_f = correct_f / n
+        acc_u = {m: c / n for m, c in correct_u.items()}
+        util = utilization_rates(acc_f, acc_u)
+        logs = {"greedy_acc_fused": acc_f}
+        logs.update({f"greedy_acc_branch_{m}": c / n for m, c in correct_b.items()})
+        logs.update({f"greedy_acc_uni_{m}": a for m, a in acc_u.items()})
+        logs.update({f"greedy_util_{self._other(m)}_given_{m}": u for m, u in util.items()})
+        logs["greedy_d_util"] = speed_imbalance(util)
+        return logs
+
+    # ---- inference --------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, xs):
+        model = self.model
+        feats = model.features(xs)
+        logits = model.branch_logits(feats, model.excitations(feats))
+        per_modality = {m: F.softmax(model.cut_logits(feats, m).float(), dim=-1) for m in model.modalities}
+        if self.fusion == "average":      # the model's prediction ŷ = mean of the branch logits
+            fused = F.softmax(torch.stack([logits[m] for m in model.modalities]).float().mean(dim=0), dim=-1)
+        else:
+            fused = fuse(torch.stack([F.softmax(logits[m].float(), dim=-1) for m in model.modalities]), self.fusion)
+        return fused, per_modality
+
+    # ---- resume -----------------------------------------------------------------------
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "m_main": dict(self.m_main),
+                "m_bypass": dict(self.m_bypass), "rebalance_left": self.rebalance_left,
+                "rebalance_modality": self.rebalance_modality}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.m_main = dict(state["m_main"])
+        self.m_bypass = dict(state["m_bypass"])
+        self.rebalance_left = int(state["rebalance_left"])
+        self.rebalance_modality = state["rebalance_modality"]
