@@ -6,6 +6,9 @@ from .base import Method
 from .joint import Joint
 from .mie import MIE
 from .mla import MLA
+from .mses import MSES
+from .mslr import MSLR
+from .ogr_gb import GradientBlending
 from .ogm_ge import OGMGE
 from .opm import OPM
 from .opm_ogm import OPMOGM
@@ -29,6 +32,10 @@ METHODS = {
     "mla": (MLA, {}, "MLA: shared head, per-batch alternation, OWM projection of head gradients, entropy fusion"),
     "agm": (AGM, {}, "AGM: Shapley mono-modal responses, adaptive per-modality gradient scaling"),
     "pmr": (PMR, {}, "PMR: class prototypes, prototype loss for the slower modality (2 modalities)"),
+    "mslr": (MSLR, {}, "MSLR: additive late fusion, one learning rate per modality set from its validation accuracy"),
+    "mses": (MSES, {}, "MSES: unimodal + fused heads; a modality stops training after `patience` epochs without "
+                       "validation improvement"),
+    "ogr_gb": (GradientBlending, {}, "OGR-GB: Σ_k w_k·CE over unimodal and fused heads, w_k ∝ ΔG_k/ΔO_k²"),
 }
 
 

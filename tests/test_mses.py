@@ -1,0 +1,205 @@
+"""MSES (mie.methods.mses) against hand computations: the patience rule on given validation numbers,
+which modality stops when, that a stopped modality's parameters, BatchNorm statistics and optimizer
+state stay bit-identical while the other modality and the fused head move, the multitask loss, m >= 3,
+and a crash-and-resume run through the loop."""
+import copy
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mie
+import mie.methods
+import mie.methods.mses as mses_mod
+from conftest import make_arrays
+from mie.errors import MieInputError
+from mie.methods.mses import MSES, early_stopping_update
+from mie.methods.multihead import MultiHeadModel
+from mie.models import ClassifierHead
+from mie.train import TrainContext
+
+K = 3
+CONFIG = {"train": {"batch_size": 16, "device": "cpu"}, "model": {"dim": 8, "head_hidden": [8]}}
+
+
+def _model(mods=("a", "b")):
+    torch.manual_seed(0)
+    enc = {m: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()) for m in mods}
+    heads = {m: ClassifierHead(3, K, hidden=()) for m in mods}
+    return MultiHeadModel(enc, heads, ClassifierHead(3 * len(mods), K, hidden=(5,)))
+
+
+def _ctx(mods, optimizer="adamw"):
+    def make(params):
+        params = list(params)
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=0.1)
+        return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    return TrainContext(modalities=list(mods), device=torch.device("cpu"), make_optimizer=make,
+                        train_batches=lambda: iter(()), val_batches=lambda: iter(()),
+                        epochs_per_modality=5, steps_per_epoch=1)
+
+
+def _fake_val(monkeypatch, values, key="loss"):
+    calls = iter(range(10**6))
+
+    def fake(model, batches):
+        t = next(calls)
+        out = {m: {"loss": 0.0, "accuracy": 0.0} for m in values}
+        for m, v in values.items():
+            out[m][key] = v[t]
+        return out
+    monkeypatch.setattr(mses_mod, "output_metrics", fake)
+
+
+def _batch(n=8, seed=5, mods=("a", "b")):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(n, 4, generator=g) for m in mods}, torch.arange(n) % K
+
+
+def test_patience_rule_by_hand():
+    # loss: best 0.9 at t=1; t=2 and t=3 do not beat it → with patience 2 the stop comes at t=3
+    best, wait, stops = math.inf, 0, []
+    for v in [1.0, 0.9, 0.95, 0.91, 0.5]:
+        best, wait, stop = early_stopping_update(v, best, wait, patience=2)
+        stops.append((best, wait, stop))
+    assert stops[:4] == [(1.0, 0, False), (0.9, 0, False), (0.9, 1, False), (0.9, 2, True)]
+    # min_delta: 0.85 < 0.9 but not by more than 0.1 → no improvement
+    assert early_stopping_update(0.85, 0.9, 0, patience=3, min_delta=0.1) == (0.9, 1, False)
+    # accuracy: higher is better
+    assert early_stopping_update(0.7, 0.6, 2, patience=3, monitor="accuracy") == (0.7, 0, False)
+    assert early_stopping_update(0.5, 0.6, 2, patience=3, monitor="accuracy") == (0.6, 3, True)
+
+
+def test_each_modality_stops_on_its_own_validation_loss(monkeypatch):
+    # a: improves at t=0,1 then not for 2 epochs → stopped after t=3; b keeps improving; c stalls from t=1.
+    vals = {"a": [1.0, 0.8, 0.85, 0.81, 0.1], "b": [1.0, 0.9, 0.8, 0.7, 0.6], "c": [0.5, 0.6, 0.7, 0.4, 0.3]}
+    _fake_val(monkeypatch, vals)
+    model = _model(("a", "b", "c"))
+    method = MSES(patience=2)
+    method.setup(model, _ctx(model.modalities))
+    rows = [method.end_epoch(t) for t in range(5)]
+    assert [r["mses_stopped_a"] for r in rows] == [0, 0, 0, 1, 1]
+    assert [r["mses_stopped_b"] for r in rows] == [0, 0, 0, 0, 0]
+    assert [r["mses_stopped_c"] for r in rows] == [0, 0, 1, 1, 1]
+    assert [r["mses_wait_a"] for r in rows] == [0, 0, 1, 2, 2]      # frozen once stopped (0.1 at t=4 ignored)
+    assert method.best == {"a": 0.8, "b": 0.6, "c": 0.5}
+    assert rows[3]["mses_lr_a"] == 0.0 and rows[3]["mses_lr_b"] == 0.05 and rows[2]["mses_lr_c"] == 0.0
+    assert [g["lr"] for g in method.optimizer.param_groups] == [0.0, 0.05, 0.0, 0.05]   # last: fused head
+    assert rows[4]["mses_val_loss_a"] == 0.1
+
+
+def test_accuracy_monitor(monkeypatch):
+    _fake_val(monkeypatch, {"a": [0.5, 0.6, 0.6], "b": [0.5, 0.4, 0.45]}, key="accuracy")
+    model = _model()
+    method = MSES(patience=1, monitor="accuracy")
+    method.setup(model, _ctx(model.modalities))
+    rows = [method.end_epoch(t) for t in range(3)]
+    assert [r["mses_stopped_a"] for r in rows] == [0, 0, 1]
+    assert [r["mses_stopped_b"] for r in rows] == [0, 1, 1]
+
+
+def test_stopped_modality_stays_bit_identical_while_the_others_move(monkeypatch):
+    _fake_val(monkeypatch, {"a": [1.0, 1.0], "b": [1.0, 0.5]})
+    model = _model()
+    method = MSES(patience=1, aux_weight=0.7)
+    method.setup(model, _ctx(model.modalities))
+    xs, y = _batch()
+    method.train_step(xs, y)                  # both train: Adam state exists for a's parameters
+    method.end_epoch(0)
+    method.end_epoch(1)                       # a did not improve for 1 epoch → stopped
+    assert method.stopped == {"a": True, "b": False}
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("encoders.a.", "heads.a."))}
+    moving = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("encoders.b.", "fused_head."))}
+    a_params = [p for p in model.modality_parameters("a")]
+    opt_state = {id(p): copy.deepcopy(method.optimizer.state[p]) for p in a_params}
+
+    model.train()                             # as the loop does at the start of an epoch
+    expected = _multitask_loss(model, xs, y, active=["b"], aux_weight=0.7)
+    logs = method.train_step(xs, y)
+    assert logs["loss"] == pytest.approx(expected)
+    assert "loss_a" not in logs and "loss_b" in logs
+    for _ in range(3):
+        model.train()
+        method.train_step(*_batch(seed=_ + 10))
+    for k, v in frozen.items():               # weights AND BatchNorm running statistics
+        assert torch.equal(model.state_dict()[k], v), k
+    for p in a_params:
+        assert p.grad is None
+        for name, s in opt_state[id(p)].items():
+            assert torch.equal(method.optimizer.state[p][name], s)
+    changed = [k for k, v in moving.items() if v.is_floating_point() and not torch.equal(model.state_dict()[k], v)]
+    assert any(k.startswith("encoders.b.") for k in changed) and any(k.startswith("fused_head.") for k in changed)
+
+
+def _multitask_loss(model, xs, y, active, aux_weight):
+    """CE(g([f_a; f_b]), y) + λ Σ_{m active} CE(h_m(f_m), y), with a stopped encoder in eval mode."""
+    with torch.no_grad():
+        ref = copy.deepcopy(model)
+        feats = {}
+        for m in ref.modalities:
+            if m not in active:
+                ref.encoders[m].eval()
+            feats[m] = ref.encoders[m](xs[m])
+        loss = F.cross_entropy(ref.fused_head(torch.cat([feats[m] for m in ref.modalities], dim=-1)), y)
+        for m in active:
+            loss = loss + aux_weight * F.cross_entropy(ref.heads[m](feats[m]), y)
+    return loss.item()
+
+
+def test_multitask_loss_and_gradients_before_any_stop():
+    model = _model()
+    method = MSES(aux_weight=0.5)
+    method.setup(model, _ctx(model.modalities, optimizer="sgd"))
+    xs, y = _batch()
+    ref = copy.deepcopy(model)
+    f = {m: ref.encoders[m](xs[m]) for m in ref.modalities}
+    hand = (F.cross_entropy(ref.fused_head(torch.cat([f["a"], f["b"]], dim=-1)), y)
+            + 0.5 * F.cross_entropy(ref.heads["a"](f["a"]), y) + 0.5 * F.cross_entropy(ref.heads["b"](f["b"]), y))
+    hand.backward()
+    logs = method.train_step(xs, y)
+    assert logs["loss"] == pytest.approx(hand.item())
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    fused, per = method.predict(xs)
+    assert set(per) == {"a", "b"} and fused.shape == (8, K)
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(MieInputError):
+        MSES(patience=0)
+    with pytest.raises(MieInputError):
+        MSES(monitor="f1")
+    one = MultiHeadModel({"a": nn.Linear(2, 2)}, {"a": ClassifierHead(2, K, hidden=())},
+                         ClassifierHead(2, K, hidden=()))
+    with pytest.raises(MieInputError, match="unimodal"):
+        MSES().setup(one, _ctx(["a"]))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(mie.methods.METHODS, "mses", (MSES, {}, "MSES"))
+    data = mie.MultimodalArrays(*make_arrays(n=90))
+    params = {"patience": 1, "monitor": "accuracy"}
+
+    def crash(epoch, row):
+        if epoch + 1 == 2:
+            raise Crash
+    run = lambda out, **kw: mie.fit(data, "mses", config=CONFIG, epochs=4, seed=2, out_dir=tmp_path / out,
+                                    progress=False, **params, **kw)
+    whole = run("whole")
+    with pytest.raises(Crash):
+        run("cut", callbacks=[crash])
+    resumed = run("cut", resume=True)
+    for key in ("val", "test", "best_epoch"):
+        assert resumed[key] == whole[key]
+    rows = [list(csv.DictReader((tmp_path / d / "history.csv").open())) for d in ("whole", "cut")]
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in rows[0]] == [drop(r) for r in rows[1]]
+    assert "1" in {r["mses_stopped_a"] for r in rows[0]} | {r["mses_stopped_b"] for r in rows[0]}

@@ -1,0 +1,166 @@
+"""OGR-GB (mie.methods.ogr_gb) against hand computations: ΔO, ΔG and the blend weights from given
+loss histories, the warm-up and the re-estimation window, the weighted loss and its gradients, the
+sample-mean losses it measures, m >= 3, and a crash-and-resume run through the loop."""
+import copy
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mie
+import mie.methods
+from conftest import make_arrays
+from mie.errors import MieInputError
+from mie.methods.multihead import MultiHeadModel, output_metrics
+from mie.methods.ogr_gb import GradientBlending, blend_weights, overfitting_generalization
+from mie.models import ClassifierHead
+from mie.train import TrainContext
+
+K = 3
+CONFIG = {"train": {"batch_size": 16, "device": "cpu"}, "model": {"dim": 8, "head_hidden": [8]}}
+
+# Loss histories at checkpoints N and N + n (train / validation mean cross-entropy per output).
+START = {"train": {"a": 1.0, "v": 1.2, "fused": 0.9}, "val": {"a": 1.1, "v": 1.25, "fused": 1.0}}
+END = {"train": {"a": 0.5, "v": 1.0, "fused": 0.4}, "val": {"a": 0.9, "v": 1.15, "fused": 0.95}}
+# by hand: O(N) = val − train:   a 0.1, v 0.05, fused 0.1;   O(N+n): a 0.4, v 0.15, fused 0.55
+#          ΔO = O(N+n) − O(N):   a 0.3, v 0.1,  fused 0.45;  ΔG = L^V(N) − L^V(N+n): a 0.2, v 0.1, fused 0.05
+#          ΔG/ΔO²:               a 0.2/0.09 = 2.2222, v 0.1/0.01 = 10, fused 0.05/0.2025 = 0.24691
+RAW = {"a": 0.2 / 0.09, "v": 0.1 / 0.01, "fused": 0.05 / 0.2025}
+HAND = {k: v / sum(RAW.values()) for k, v in RAW.items()}
+
+
+def test_overfitting_generalization_and_weights_by_hand():
+    d_o, d_g = overfitting_generalization(START, END)
+    assert d_o == {"a": pytest.approx(0.3), "v": pytest.approx(0.1), "fused": pytest.approx(0.45)}
+    assert d_g == {"a": pytest.approx(0.2), "v": pytest.approx(0.1), "fused": pytest.approx(0.05)}
+    w = blend_weights(d_o, d_g)
+    assert w == {k: pytest.approx(v) for k, v in HAND.items()}
+    assert w["v"] == pytest.approx(10 / (10 + 2.2222222 + 0.2469136))        # ≈ 0.802
+    assert sum(w.values()) == pytest.approx(1.0)
+
+
+def test_negative_generalization_is_clipped_or_absolute():
+    d_o = {"a": 0.3, "v": 0.1, "fused": 0.2}
+    d_g = {"a": 0.2, "v": -0.1, "fused": 0.1}                 # v's validation loss rose
+    w = blend_weights(d_o, d_g)
+    raw = {"a": 0.2 / 0.09, "fused": 0.1 / 0.04}
+    assert w["v"] == 0.0
+    assert w["a"] == pytest.approx(raw["a"] / (raw["a"] + raw["fused"]))
+    w_abs = blend_weights(d_o, d_g, negative_gain="abs")      # BalanceBenchmark's |ΔG|
+    raw["v"] = 0.1 / 0.01
+    assert w_abs["v"] == pytest.approx(raw["v"] / sum(raw.values()))
+    assert blend_weights({"a": 0.1, "v": 0.1}, {"a": -0.1, "v": 0.0}) is None   # nothing generalised
+
+
+def _model(mods=("a", "v")):
+    torch.manual_seed(0)
+    enc = {m: nn.Linear(4, 3) for m in mods}
+    return MultiHeadModel(enc, {m: ClassifierHead(3, K, hidden=()) for m in mods},
+                          ClassifierHead(3 * len(mods), K, hidden=(5,)))
+
+
+def _ctx(mods, train=(), val=()):
+    return TrainContext(modalities=list(mods), device=torch.device("cpu"),
+                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=0.1),
+                        train_batches=lambda: iter(train), val_batches=lambda: iter(val),
+                        epochs_per_modality=6, steps_per_epoch=1)
+
+
+def test_warm_up_then_one_estimate_per_window(monkeypatch):
+    # checkpoints 0, 2, 4 (n = 2): uniform weights for epochs 0-1, then (0→2) for epochs 2-3, (2→4) after.
+    c0 = START
+    c2 = END
+    c4 = {"train": {"a": 0.3, "v": 0.9, "fused": 0.35}, "val": {"a": 0.85, "v": 1.0, "fused": 0.8}}
+    checkpoints = iter([c0, c2, c4])
+    monkeypatch.setattr(GradientBlending, "measure", lambda self: next(checkpoints))
+    model = _model()
+    method = GradientBlending(blend_every=2)
+    method.setup(model, _ctx(model.modalities))               # measures checkpoint 0
+    assert method.weights == {k: pytest.approx(1 / 3) for k in ("a", "v", "fused")}
+    rows = [method.end_epoch(t) for t in range(4)]
+    assert rows[0]["gb_w_a"] == pytest.approx(1 / 3) and "gb_dG_a" not in rows[0]
+    assert {k: rows[1][f"gb_w_{k}"] for k in HAND} == {k: pytest.approx(v) for k, v in HAND.items()}
+    assert rows[2]["gb_w_v"] == pytest.approx(HAND["v"]) and "gb_dG_v" not in rows[2]
+    # second window: from checkpoint 2 (not 0) to 4
+    d_o = {k: (c4["val"][k] - c4["train"][k]) - (c2["val"][k] - c2["train"][k]) for k in HAND}
+    d_g = {k: c2["val"][k] - c4["val"][k] for k in HAND}
+    raw = {k: d_g[k] / d_o[k] ** 2 for k in HAND}
+    assert {k: rows[3][f"gb_w_{k}"] for k in HAND} == {k: pytest.approx(raw[k] / sum(raw.values())) for k in HAND}
+    assert rows[3]["gb_dG_a"] == pytest.approx(0.05) and rows[3]["gb_dO_a"] == pytest.approx(0.15)
+    assert rows[3]["gb_ogr_a"] == pytest.approx(0.15 / 0.05)
+
+
+def test_weighted_loss_and_its_gradients():
+    model = _model(("a", "v", "t"))                            # three modalities: four outputs
+    method = GradientBlending()
+    g = torch.Generator().manual_seed(1)
+    batch = ({m: torch.randn(6, 4, generator=g) for m in ("a", "v", "t")}, torch.tensor([0, 1, 2, 2, 1, 0]))
+    method.setup(model, _ctx(model.modalities, train=[batch], val=[batch]))
+    assert model.outputs == ["a", "v", "t", "fused"] and method.weights["t"] == pytest.approx(0.25)
+    method.weights = {"a": 0.1, "v": 0.0, "t": 0.3, "fused": 0.6}
+    xs, y = batch
+    ref = copy.deepcopy(model)
+    out = ref(xs)
+    hand = sum(w * F.cross_entropy(out[k], y) for k, w in method.weights.items())
+    hand.backward()
+    logs = method.train_step(xs, y)
+    assert logs["loss"] == pytest.approx(hand.item())
+    assert logs["loss_v"] == pytest.approx(F.cross_entropy(out["v"], y).item())
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert torch.count_nonzero(model.heads["v"].net[0].weight.grad) == 0        # w_v = 0: v's head learns nothing
+
+
+def test_measured_losses_are_sample_means_in_eval_mode():
+    model = _model()
+    model.encoders["a"] = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.9))       # eval mode: dropout is off
+    g = torch.Generator().manual_seed(2)
+    batches = [({m: torch.randn(n, 4, generator=g) for m in ("a", "v")}, torch.arange(n) % K) for n in (5, 2)]
+    model.train()
+    got = output_metrics(model, batches)
+    assert model.training                                      # mode restored
+    model.eval()
+    with torch.no_grad():
+        outs = [model(xs) for xs, _ in batches]
+    ys = torch.cat([y for _, y in batches])
+    for k in ("a", "v", "fused"):
+        z = torch.cat([o[k] for o in outs])
+        assert got[k]["loss"] == pytest.approx(F.cross_entropy(z, ys).item(), rel=1e-6)   # Σ CE_i / 7
+        assert got[k]["accuracy"] == pytest.approx((z.argmax(-1) == ys).float().mean().item())
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(MieInputError):
+        GradientBlending(blend_every=0)
+    with pytest.raises(MieInputError):
+        GradientBlending(negative_gain="square")
+    with pytest.raises(MieInputError, match="fused"):
+        MultiHeadModel({"fused": nn.Linear(2, 2)}, {"fused": ClassifierHead(2, K, hidden=())},
+                       ClassifierHead(2, K, hidden=()))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(mie.methods.METHODS, "ogr_gb", (GradientBlending, {}, "OGR-GB"))
+    data = mie.MultimodalArrays(*make_arrays(n=90))
+
+    def crash(epoch, row):
+        if epoch + 1 == 2:
+            raise Crash
+    run = lambda out, **kw: mie.fit(data, "ogr_gb", config=CONFIG, epochs=4, seed=4, out_dir=tmp_path / out,
+                                    progress=False, blend_every=1, **kw)
+    whole = run("whole")
+    with pytest.raises(Crash):
+        run("cut", callbacks=[crash])
+    resumed = run("cut", resume=True)
+    for key in ("val", "test", "best_epoch"):
+        assert resumed[key] == whole[key]
+    rows = [list(csv.DictReader((tmp_path / d / "history.csv").open())) for d in ("whole", "cut")]
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in rows[0]] == [drop(r) for r in rows[1]]
+    assert float(rows[0][-1]["gb_w_a"]) != pytest.approx(1 / 3)       # the weights were re-estimated
