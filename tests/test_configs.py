@@ -30,5 +30,7 @@ def test_numbers_are_coerced_and_types_checked():
     assert build_config(None, ["train.lr=1"])["train"]["lr"] == 1.0
     with pytest.raises(MieInputError, match="must be true or false"):
         build_config(None, ["data.standardize=3"])
+    with pytest.raises(MieInputError, match="train.threads must be a positive integer"):
+        build_config(None, ["train.threads=two"])
     with pytest.raises(MieInputError, match="expected section.key=value"):
         build_config(None, ["lr"])

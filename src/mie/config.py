@@ -37,6 +37,8 @@ DEFAULTS = {
         "seed": 0,
         "device": "auto",       # auto | cpu | cuda | cuda:N
         "num_workers": 0,
+        "threads": None,        # CPU threads for torch (None: torch's default); 1 is fastest for small
+                                # models and on a machine shared with other jobs
         "select_on": "accuracy",   # validation metric that chooses the checkpoint: accuracy | macro_f1 | map
     },
     "method": {"name": "mie"},
@@ -170,6 +172,9 @@ def validate(cfg):
     for key in ("epochs", "batch_size"):
         if train[key] < 1:
             raise MieInputError(f"train.{key} must be >= 1, got {train[key]}")
+    if train["threads"] is not None and (isinstance(train["threads"], bool) or not isinstance(train["threads"], int)
+                                         or train["threads"] < 1):
+        raise MieInputError(f"train.threads must be a positive integer or null, got {train['threads']!r}")
     if train["lr"] <= 0:
         raise MieInputError(f"train.lr must be > 0, got {train['lr']}")
     if not isinstance(cfg["model"]["encoders"], dict):

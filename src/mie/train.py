@@ -152,6 +152,8 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
     """``fit`` with an already-validated config; the CLI and ``mie compare`` call this."""
     train_cfg, mcfg = cfg["train"], dict(cfg["method"])
     seed = train_cfg["seed"]
+    if train_cfg["threads"] is not None:
+        torch.set_num_threads(train_cfg["threads"])
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     device = resolve_device(train_cfg["device"])
