@@ -1,11 +1,9 @@
 """AGM (mie.methods.agm): Shapley responses by hand (M = 2 and 3), the coefficients by hand, that
 a step scales each response's gradient by its coefficient, the running scores, and resume."""
 import copy
-import csv
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,44 +159,3 @@ def test_rejects_bad_setup():
     many = SharedHeadModel({str(i): nn.Linear(1, 1) for i in range(9)}, ClassifierHead(9, 2, hidden=()), "concat")
     with pytest.raises(mie.MieInputError, match="2\\^M"):
         AGM().setup(many, _ctx(many))
-
-
-# ---- end to end: three modalities, and resume after a crash --------------------------------
-def _arrays(modalities=("a", "b", "c"), n=48, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(3), n // 3)
-    x = {m: rng.normal(size=(n, 4 + i)).astype(np.float32) + y[:, None] * (0.5 + i) for i, m in enumerate(modalities)}
-    return mie.MultimodalArrays(x, y)
-
-
-CFG = {"train": {"batch_size": 8, "device": "cpu"}, "model": {"dim": 8, "head_hidden": [8]}}
-
-
-class Crash(Exception):
-    pass
-
-
-def _crash_after_first_epoch(epoch, row):
-    if epoch == 0:
-        raise Crash
-
-
-def _history(path):
-    with open(path / "history.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def test_fit_three_modalities_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setitem(mie.methods.METHODS, "agm", (AGM, {}, "AGM"))
-    data = _arrays()
-    full = mie.fit(data, method="agm", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "full", progress=False)
-    assert set(full["test"]["per_modality"]) == {"a", "b", "c"}
-    with pytest.raises(Crash):
-        mie.fit(data, method="agm", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "cut", progress=False,
-                callbacks=[_crash_after_first_epoch])
-    resumed = mie.fit(data, method="agm", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "cut", resume=True,
-                      progress=False)
-    a, b = _history(tmp_path / "full"), _history(tmp_path / "cut")
-    for key in ("loss", "agm_coeff_a", "agm_coeff_c", "val_accuracy"):
-        assert float(a[1][key]) == pytest.approx(float(b[1][key]), rel=1e-6)
-    assert resumed["test"]["accuracy"] == full["test"]["accuracy"]

@@ -1,7 +1,6 @@
 """MLA (mie.methods.mla): the OWM projection update, its α schedule, that the projection really
 acts on the shared head's weight gradient in a step, entropy fusion, and resume."""
 import copy
-import csv
 from types import SimpleNamespace
 
 import numpy as np
@@ -141,44 +140,3 @@ def test_rejects_bad_setup():
     model = MLAModel({"a": nn.Linear(3, 2)}, ClassifierHead(2, 3, hidden=()))
     with pytest.raises(mie.MieInputError):
         MLA().setup(model, _ctx(model))
-
-
-# ---- end to end: three modalities, and resume after a crash --------------------------------
-def _arrays(modalities=("a", "b", "c"), n=48, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(3), n // 3)
-    x = {m: rng.normal(size=(n, 4 + i)).astype(np.float32) + y[:, None] * (0.5 + i) for i, m in enumerate(modalities)}
-    return mie.MultimodalArrays(x, y)
-
-
-CFG = {"train": {"batch_size": 8, "device": "cpu"}, "model": {"dim": 8, "head_hidden": [8]}}
-
-
-class Crash(Exception):
-    pass
-
-
-def _crash_after_first_epoch(epoch, row):
-    if epoch == 0:
-        raise Crash
-
-
-def _history(path):
-    with open(path / "history.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def test_fit_three_modalities_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setitem(mie.methods.METHODS, "mla", (MLA, {}, "MLA"))
-    data = _arrays()
-    full = mie.fit(data, method="mla", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "full", progress=False)
-    assert set(full["test"]["per_modality"]) == {"a", "b", "c"}
-    with pytest.raises(Crash):
-        mie.fit(data, method="mla", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "cut", progress=False,
-                callbacks=[_crash_after_first_epoch])
-    resumed = mie.fit(data, method="mla", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "cut", resume=True,
-                      progress=False)
-    a, b = _history(tmp_path / "full"), _history(tmp_path / "cut")
-    for key in ("loss_a", "loss_b", "loss_c", "val_accuracy", "mla_P_min_over_max_eig"):
-        assert float(a[1][key]) == pytest.approx(float(b[1][key]), rel=1e-6)
-    assert resumed["test"]["accuracy"] == full["test"]["accuracy"]

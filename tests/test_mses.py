@@ -3,7 +3,6 @@ which modality stops when, that a stopped modality's parameters, BatchNorm stati
 state stay bit-identical while the other modality and the fused head move, the multitask loss, m >= 3,
 and a crash-and-resume run through the loop."""
 import copy
-import csv
 import math
 
 import pytest
@@ -11,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mie
-import mie.methods
 import mie.methods.mses as mses_mod
-from conftest import make_arrays
 from mie.errors import MieInputError
 from mie.methods.mses import MSES, early_stopping_update
 from mie.methods.multihead import MultiHeadModel
@@ -22,7 +18,6 @@ from mie.models import ClassifierHead
 from mie.train import TrainContext
 
 K = 3
-CONFIG = {"train": {"batch_size": 16, "device": "cpu"}, "model": {"dim": 8, "head_hidden": [8]}}
 
 
 def _model(mods=("a", "b")):
@@ -177,29 +172,3 @@ def test_invalid_settings_are_refused():
                          ClassifierHead(2, K, hidden=()))
     with pytest.raises(MieInputError, match="unimodal"):
         MSES().setup(one, _ctx(["a"]))
-
-
-class Crash(Exception):
-    pass
-
-
-def test_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setitem(mie.methods.METHODS, "mses", (MSES, {}, "MSES"))
-    data = mie.MultimodalArrays(*make_arrays(n=90))
-    params = {"patience": 1, "monitor": "accuracy"}
-
-    def crash(epoch, row):
-        if epoch + 1 == 2:
-            raise Crash
-    run = lambda out, **kw: mie.fit(data, "mses", config=CONFIG, epochs=4, seed=2, out_dir=tmp_path / out,
-                                    progress=False, **params, **kw)
-    whole = run("whole")
-    with pytest.raises(Crash):
-        run("cut", callbacks=[crash])
-    resumed = run("cut", resume=True)
-    for key in ("val", "test", "best_epoch"):
-        assert resumed[key] == whole[key]
-    rows = [list(csv.DictReader((tmp_path / d / "history.csv").open())) for d in ("whole", "cut")]
-    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
-    assert [drop(r) for r in rows[0]] == [drop(r) for r in rows[1]]
-    assert "1" in {r["mses_stopped_a"] for r in rows[0]} | {r["mses_stopped_b"] for r in rows[0]}

@@ -2,16 +2,12 @@
 loss histories, the warm-up and the re-estimation window, the weighted loss and its gradients, the
 sample-mean losses it measures, m >= 3, and a crash-and-resume run through the loop."""
 import copy
-import csv
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mie
-import mie.methods
-from conftest import make_arrays
 from mie.errors import MieInputError
 from mie.methods.multihead import MultiHeadModel, output_metrics
 from mie.methods.ogr_gb import GradientBlending, blend_weights, overfitting_generalization
@@ -19,7 +15,6 @@ from mie.models import ClassifierHead
 from mie.train import TrainContext
 
 K = 3
-CONFIG = {"train": {"batch_size": 16, "device": "cpu"}, "model": {"dim": 8, "head_hidden": [8]}}
 
 # Loss histories at checkpoints N and N + n (train / validation mean cross-entropy per output).
 START = {"train": {"a": 1.0, "v": 1.2, "fused": 0.9}, "val": {"a": 1.1, "v": 1.25, "fused": 1.0}}
@@ -139,28 +134,3 @@ def test_invalid_settings_are_refused():
     with pytest.raises(MieInputError, match="fused"):
         MultiHeadModel({"fused": nn.Linear(2, 2)}, {"fused": ClassifierHead(2, K, hidden=())},
                        ClassifierHead(2, K, hidden=()))
-
-
-class Crash(Exception):
-    pass
-
-
-def test_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setitem(mie.methods.METHODS, "ogr_gb", (GradientBlending, {}, "OGR-GB"))
-    data = mie.MultimodalArrays(*make_arrays(n=90))
-
-    def crash(epoch, row):
-        if epoch + 1 == 2:
-            raise Crash
-    run = lambda out, **kw: mie.fit(data, "ogr_gb", config=CONFIG, epochs=4, seed=4, out_dir=tmp_path / out,
-                                    progress=False, blend_every=1, **kw)
-    whole = run("whole")
-    with pytest.raises(Crash):
-        run("cut", callbacks=[crash])
-    resumed = run("cut", resume=True)
-    for key in ("val", "test", "best_epoch"):
-        assert resumed[key] == whole[key]
-    rows = [list(csv.DictReader((tmp_path / d / "history.csv").open())) for d in ("whole", "cut")]
-    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
-    assert [drop(r) for r in rows[0]] == [drop(r) for r in rows[1]]
-    assert float(rows[0][-1]["gb_w_a"]) != pytest.approx(1 / 3)       # the weights were re-estimated

@@ -2,7 +2,6 @@
 are minus Euclidean distances, the ρ → β/γ coefficients by hand, the step's loss and gradient by
 hand, the two-modality restriction, and resume."""
 import copy
-import csv
 from types import SimpleNamespace
 
 import numpy as np
@@ -183,46 +182,3 @@ def test_state_dict_round_trip():
         assert torch.equal(other.prototypes[m], method.prototypes[m])
     other.start_epoch(1)                          # resumed: no fresh recomputation
     assert torch.equal(other.prototypes["a"], method.prototypes["a"])
-
-
-# ---- end to end, with resume after a crash ----------------------------------------------
-def _arrays(modalities=("a", "v"), n=48, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(3), n // 3)
-    x = {m: rng.normal(size=(n, 4 + i)).astype(np.float32) + y[:, None] * (0.5 + i) for i, m in enumerate(modalities)}
-    return mie.MultimodalArrays(x, y)
-
-
-CFG = {"train": {"batch_size": 8, "device": "cpu"}, "model": {"dim": 8, "head_hidden": [8]}}
-
-
-class Crash(Exception):
-    pass
-
-
-def _crash_after_first_epoch(epoch, row):
-    if epoch == 0:
-        raise Crash
-
-
-def _history(path):
-    with open(path / "history.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def test_fit_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setitem(mie.methods.METHODS, "pmr", (PMR, {}, "PMR"))
-    data = _arrays()
-    full = mie.fit(data, method="pmr", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "full", progress=False)
-    assert set(full["test"]["per_modality"]) == {"a", "v"}
-    with pytest.raises(Crash):
-        mie.fit(data, method="pmr", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "cut", progress=False,
-                callbacks=[_crash_after_first_epoch])
-    resumed = mie.fit(data, method="pmr", config=CFG, epochs=2, seed=3, out_dir=tmp_path / "cut", resume=True,
-                      progress=False)
-    a, b = _history(tmp_path / "full"), _history(tmp_path / "cut")
-    for key in ("loss", "pmr_pce_a", "pmr_rho", "pmr_proto_acc_v", "val_accuracy"):
-        assert float(a[1][key]) == pytest.approx(float(b[1][key]), rel=1e-6)
-    assert resumed["test"]["accuracy"] == full["test"]["accuracy"]
-    with pytest.raises(mie.MieInputError, match="exactly 2 modalities"):
-        mie.fit(_arrays(("a", "v", "t")), method="pmr", config=CFG, epochs=1, progress=False)

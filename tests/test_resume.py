@@ -7,6 +7,7 @@ import pytest
 
 import mie
 from conftest import make_arrays
+from mie.methods import METHODS
 from mie.io import atomic_path, write_text
 
 CONFIG = {"train": {"epochs": 3, "batch_size": 16}, "model": {"dim": 16, "head_hidden": [16, 8]}}
@@ -23,10 +24,16 @@ def crash_after(k):
     return callback
 
 
-@pytest.mark.parametrize("method, params", [("mie", {}), ("joint", {}),
-                                            ("mie", {"alternation": "iteration", "adaptive": True})])
+# Settings under which each method's state changes within the first epochs (so resume is tested on it).
+PARAMS = {"mses": {"patience": 1, "monitor": "accuracy"}, "ogr_gb": {"blend_every": 1}}
+CASES = [(name, PARAMS.get(name, {})) for name in METHODS] + [("mie", {"alternation": "iteration", "adaptive": True})]
+
+
+@pytest.mark.parametrize("method, params", CASES, ids=[f"{m}-{'-'.join(p)}" if p else m for m, p in CASES])
 def test_resumed_run_matches_uninterrupted_run(tmp_path, method, params):
-    x, y = make_arrays(n=90)
+    """For every registered method: optimizers, method state and RNG streams survive a restart."""
+    shapes = {"unimodal": {"a": (8,)}, "pmr": {"a": (8,), "b": (5,)}}.get(method, {"a": (8,), "b": (5,), "c": (3,)})
+    x, y = make_arrays(n=90, shapes=shapes)
     data = mie.MultimodalArrays(x, y)
     whole = mie.fit(data, method, config=CONFIG, out_dir=tmp_path / "whole", seed=3, progress=False, **params)
     with pytest.raises(Crash):
