@@ -3,6 +3,8 @@ fixed settings. A method is one file; registering it here is all the training lo
 from ..errors import MieInputError
 from .agm import AGM
 from .base import Method
+from .domfn import DOMFN
+from .greedy import Greedy
 from .joint import Joint
 from .mie import MIE
 from .mla import MLA
@@ -36,6 +38,8 @@ METHODS = {
     "mses": (MSES, {}, "MSES: unimodal + fused heads; a modality stops training after `patience` epochs without "
                        "validation improvement"),
     "ogr_gb": (GradientBlending, {}, "OGR-GB: Σ_k w_k·CE over unimodal and fused heads, w_k ∝ ΔG_k/ΔO_k²"),
+    "greedy": (Greedy, {}, "Greedy (Wu et al. ICML'22): conditional learning speed, re-balancing steps on the slower branch"),
+    "domfn": (DOMFN, {}, "DOMFN (Yang et al. MM'22): fuse a sample only when the unimodal predictions agree"),
 }
 
 
