@@ -10,6 +10,10 @@ calls a method through these hooks only:
         for xs, y in train batches: logs = method.train_step(xs, y)   # passes, gradient edits, steps
         logs = method.end_epoch(epoch)           # state between epochs/stages (e.g. MIE's T)
         fused, per_modality = method.predict(xs) on validation batches
+
+The checkpoint chosen on validation restores the model's weights and buffers only, so anything
+``predict`` needs (e.g. running means used at inference) belongs in the model as buffers;
+``state_dict`` is for what training needs to resume (optimizers, projection matrices, counters).
 """
 import inspect
 
