@@ -20,7 +20,15 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..errors import MieInputError
 from ..models import LateFusionModel, fuse
+
+
+def require_two_modalities(model, name):
+    """Refuse a model with a single modality for a method that balances several."""
+    if len(model.modalities) < 2:
+        raise MieInputError(f"method '{name}' balances two or more modalities, but the data has only "
+                            f"{', '.join(model.modalities)}; use method 'unimodal' for one modality")
 
 
 class Method:

@@ -84,7 +84,7 @@ from torch import nn
 
 from ..errors import MieInputError
 from ..models import ClassifierHead, create_encoder, fuse
-from .base import Method
+from .base import Method, require_two_modalities
 
 DOMFN_FUSIONS = ("divergence", "model", "average", "weight")
 FEATURE_FUSIONS = ("concat", "mean", "max")
@@ -214,9 +214,7 @@ class DOMFN(Method):
         if not isinstance(model, DOMFNModel):
             raise MieInputError(f"DOMFN trains a DOMFNModel (uni-modal heads and a fusion head); "
                                 f"got {type(model).__name__}")
-        if len(model.modalities) < 2:
-            raise MieInputError(f"DOMFN fuses two or more modalities, but the data has only "
-                                f"{', '.join(model.modalities)}; use method 'unimodal' for one modality")
+        require_two_modalities(model, self.name)
         super().setup(model, ctx)
         self.optimizer = ctx.make_optimizer(model.parameters())
 

@@ -106,7 +106,7 @@ from torch import nn
 
 from ..errors import MieInputError
 from ..models import ClassifierHead, create_encoder, fuse
-from .base import Method
+from .base import Method, require_two_modalities
 
 GREEDY_FUSIONS = ("average", "weight")
 UTILIZATION_SPLITS = ("val", "train", None)
@@ -263,9 +263,7 @@ class Greedy(Method):
         if not isinstance(model, GreedyModel):
             raise MieInputError(f"greedy trains a GreedyModel (branches joined by an MMTM fusion layer); "
                                 f"got {type(model).__name__}")
-        if len(model.modalities) < 2:
-            raise MieInputError(f"greedy balances two or more modalities, but the data has only "
-                                f"{', '.join(model.modalities)}; use method 'unimodal' for one modality")
+        require_two_modalities(model, self.name)
         super().setup(model, ctx)
         self.optimizer = ctx.make_optimizer(model.parameters())
         self.m_main = {m: 0.0 for m in model.modalities}

@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from .base import Method
-from .multihead import FUSED, MultiHeadModel, multihead_predict, output_metrics, require_two_modalities
+from .base import Method, require_two_modalities
+from .multihead import FUSED, MultiHeadModel, multihead_predict, output_metrics
 
 MONITORS = ("loss", "accuracy")
 

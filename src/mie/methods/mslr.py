@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from .base import Method
-from .multihead import output_metrics, require_two_modalities
+from .base import Method, require_two_modalities
+from .multihead import output_metrics
 
 STRATEGIES = ("keep", "smooth", "dynamic")
 FUSIONS = ("sum", "mean")

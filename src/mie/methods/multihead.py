@@ -102,9 +102,3 @@ def output_metrics(model, batches):
     if n == 0:
         raise MieInputError("cannot measure losses on an empty split (no batches)")
     return {k: {"loss": loss[k] / n, "accuracy": correct[k] / n} for k in loss}
-
-
-def require_two_modalities(model, name):
-    if len(model.modalities) < 2:
-        raise MieInputError(f"method '{name}' balances two or more modalities, but the data has only "
-                            f"{', '.join(model.modalities)}; use method 'unimodal' for one modality")

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from .base import Method
+from .base import Method, require_two_modalities
 
 GE_MODES = ("all", "dominant", "off")
 SCOPES = ("encoder", "encoder_weights")
@@ -137,9 +137,7 @@ class OnTheFlyModulation(Method):
 
     def setup(self, model, ctx):
         super().setup(model, ctx)
-        if len(model.modalities) < 2:
-            raise MieInputError(f"method '{self.name}' balances two or more modalities, but the data has only "
-                                f"{', '.join(model.modalities)}; use method 'unimodal' for one modality")
+        require_two_modalities(model, self.name)
         self.optimizer = ctx.make_optimizer(model.parameters())
         # A generator of its own (seeded from the run's seed) so the noise and the drops are
         # reproducible and resumable, whatever else draws random numbers.

@@ -50,8 +50,8 @@ import math
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from .base import Method
-from .multihead import MultiHeadModel, multihead_predict, output_metrics, require_two_modalities
+from .base import Method, require_two_modalities
+from .multihead import MultiHeadModel, multihead_predict, output_metrics
 
 NEGATIVE_GAIN = ("zero", "abs")
 EPS = 1e-12
