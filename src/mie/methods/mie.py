@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..errors import MieInputError
 from ..optim import (SAM, InputCovariance, flat_modification_matrix, frozen_batchnorm_stats,
                      matrix_stats, modify_linear_gradient)
-from .base import Method
+from .base import Method, require_two_modalities
 
 ALTERNATIONS = ("stage", "iteration")
 
@@ -53,6 +53,7 @@ class MIE(Method):
     # ---- set-up -----------------------------------------------------------------------
     def setup(self, model, ctx):
         super().setup(model, ctx)
+        require_two_modalities(model, self.name)
         order = self.order or list(model.modalities)
         if sorted(order) != sorted(model.modalities):
             raise MieInputError(f"method.order {order} must list each modality once: {model.modalities}")
