@@ -63,7 +63,7 @@ from torch import nn
 from ..errors import MieInputError
 from ..models import ClassifierHead, create_encoder
 from ..models.fusion import FUSIONS
-from .base import Method
+from .base import Method, require_two_modalities
 
 
 class MLAModel(nn.Module):
@@ -164,8 +164,7 @@ class MLA(Method):
         if not isinstance(model, MLAModel):
             raise MieInputError("MLA trains an MLAModel (one head for all modalities); "
                                 f"got {type(model).__name__}")
-        if len(model.modalities) < 2:
-            raise MieInputError(f"MLA alternates between modalities and needs at least 2, got {model.modalities}")
+        require_two_modalities(model, self.name)
         order = self.order or list(model.modalities)
         if sorted(order) != sorted(model.modalities):
             raise MieInputError(f"method.order {order} must list each modality once: {model.modalities}")
