@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from . import config as config_mod
 from .data.prepare import load_arrays, prepare_arrays, prepare_datasets
@@ -200,7 +201,6 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
             _save_split(out, prepared)
 
     writer = _tensorboard(out, state["epoch"]) if out is not None else None
-    from tqdm.auto import tqdm
     bar = tqdm(range(state["epoch"], num_epochs), initial=state["epoch"], total=num_epochs,
                desc=f"{method.name} seed {seed}", disable=(None if progress is None else not progress),
                leave=False)
