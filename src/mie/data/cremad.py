@@ -1,0 +1,173 @@
+"""CREMA-D (Cao et al., IEEE TAC 2014): 7,442 clips of 91 actors speaking 12 sentences with six
+emotions; modalities audio and video.
+
+Raw layout read by ``prepare_cremad`` (the release's own folder names)::
+
+    ROOT/AudioWAV/1001_DFA_ANG_XX.wav      actor _ sentence _ emotion _ level
+    ROOT/VideoFlash/1001_DFA_ANG_XX.flv
+
+Prepared layout written to OUT (one file per clip and modality, each written atomically)::
+
+    OUT/audio/<clip>.npy    (257, 188) float32   log-STFT of audio.py (OGM-GE's preprocessing)
+    OUT/video/<clip>.npy    (T, 3, H, W) uint8   one frame per second, resized to H × W
+
+Classes, in OGM-GE's order: NEU, HAP, SAD, FEA, DIS, ANG.
+"""
+import os
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import MieInputError
+from ..io import atomic_path
+from .audio import cremad_spectrogram, read_wav
+from .splits import stratified_split
+
+EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str       # e.g. 1001_DFA_ANG_XX
+    actor: str      # 1001
+    sentence: str   # DFA
+    emotion: str    # ANG
+    level: str      # XX
+
+    @property
+    def label(self):
+        return EMOTIONS.index(self.emotion)
+
+
+def parse_clip(name):
+    """'1001_DFA_ANG_XX' (with or without extension) → Clip; a clear error for any other name."""
+    stem = Path(name).stem
+    parts = stem.split("_")
+    if len(parts) != 4 or not parts[0].isdigit():
+        raise MieInputError(f"'{name}' is not a CREMA-D clip name (expected ACTOR_SENTENCE_EMOTION_LEVEL, "
+                            "e.g. 1001_DFA_ANG_XX)")
+    if parts[2] not in EMOTIONS:
+        raise MieInputError(f"clip '{stem}' has emotion '{parts[2]}', not one of {', '.join(EMOTIONS)}")
+    return Clip(stem, *parts)
+
+
+def actor_disjoint_split(clips, seed, fractions=(0.7, 0.15, 0.15)):
+    """{"train", "val", "test"} lists of clip names, with every actor in exactly one split.
+
+    Actors (not clips) are shuffled with ``seed`` and cut in the given fractions; the standard
+    CREMA-D lists share all 91 actors between train and test, this split shares none.
+    """
+    actors = np.array(sorted({c.actor for c in clips}))
+    parts = stratified_split(np.zeros(len(actors), dtype=np.int64), list(fractions), seed)
+    owner = {a: s for s, idx in zip(("train", "val", "test"), parts) for a in actors[idx]}
+    return {s: [c.name for c in clips if owner[c.actor] == s] for s in ("train", "val", "test")}
+
+
+def read_frames(path, size=(224, 224), fps=1.0):
+    """Decode a video with PyAV and keep one frame per 1/fps seconds → (T, 3, H, W) uint8."""
+    try:
+        import av
+    except ImportError:
+        raise MieInputError("reading CREMA-D video needs PyAV: pip install 'mie[video]' (or pip install av)") from None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames, next_time = [], 0.0
+            for frame in container.decode(stream):
+                t = float(frame.pts * stream.time_base) if frame.pts is not None else len(frames) / fps
+                if t + 1e-6 >= next_time:
+                    image = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
+                    frames.append(image.transpose(2, 0, 1))
+                    next_time += 1.0 / fps
+    except MieInputError:
+        raise
+    except Exception as e:
+        raise MieInputError(f"cannot decode {path} ({type(e).__name__}: {e})") from None
+    if not frames:
+        raise MieInputError(f"{path} holds no video frames")
+    return np.stack(frames).astype(np.uint8)
+
+
+def _save(path, array):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _prepare_one(job):
+    """Write the audio and video arrays of one clip; returns (clip, 'done' | 'skipped' | error text)."""
+    clip, root, out, size = job
+    targets = {"audio": out / "audio" / f"{clip}.npy", "video": out / "video" / f"{clip}.npy"}
+    if all(p.exists() for p in targets.values()):
+        return clip, "skipped"
+    try:
+        if not targets["audio"].exists():
+            samples, rate = read_wav(root / "AudioWAV" / f"{clip}.wav")
+            _save(targets["audio"], cremad_spectrogram(samples, rate))
+        if not targets["video"].exists():
+            _save(targets["video"], read_frames(root / "VideoFlash" / f"{clip}.flv", size))
+    except MieInputError as e:
+        return clip, str(e)
+    return clip, "done"
+
+
+@dataclass
+class PrepareSummary:
+    done: int = 0
+    skipped: int = 0
+    bad: dict = field(default_factory=dict)   # clip → why
+
+
+def prepare_cremad(root, out, workers=None, skip_bad=False, size=(224, 224), progress=None):
+    """Turn the raw release in ``root`` into ``out`` (layout in the module docstring).
+
+    Re-running skips clips whose files exist. A clip whose audio or video cannot be read is an
+    error naming the first bad clips, unless ``skip_bad``: then it is left out and listed in
+    OUT/bad_clips.txt. Returns a ``PrepareSummary``.
+    """
+    root, out = Path(root), Path(out)
+    wav_dir = root / "AudioWAV"
+    if not wav_dir.is_dir():
+        raise MieInputError(f"{root} has no AudioWAV folder; expected the CREMA-D release layout "
+                            "(AudioWAV/*.wav and VideoFlash/*.flv)")
+    clips = sorted(p.stem for p in wav_dir.glob("*.wav"))
+    if not clips:
+        raise MieInputError(f"{wav_dir} holds no .wav files")
+    summary = PrepareSummary()
+    for name in clips:
+        try:
+            parse_clip(name)
+        except MieInputError as e:
+            summary.bad[name] = str(e)
+    jobs = [(c, root, out, tuple(size)) for c in clips if c not in summary.bad]
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=len(jobs), desc="CREMA-D", disable=None if progress is None else not progress)
+
+    def count(results):
+        for clip, status in results:
+            if status == "done":
+                summary.done += 1
+            elif status == "skipped":
+                summary.skipped += 1
+            else:
+                summary.bad[clip] = status
+            bar.update()
+
+    if workers == 1:
+        count(map(_prepare_one, jobs))
+    else:
+        with Pool(workers) as pool:
+            count(pool.imap_unordered(_prepare_one, jobs, chunksize=4))
+    bar.close()
+    if summary.bad:
+        listing = "".join(f"{c}\t{why}\n" for c, why in sorted(summary.bad.items()))
+        if not skip_bad:
+            first = ", ".join(sorted(summary.bad)[:3])
+            raise MieInputError(f"{len(summary.bad)} bad clip(s), first: {first} "
+                                f"({summary.bad[sorted(summary.bad)[0]]}); pass --skip-bad to leave them out")
+        with atomic_path(out / "bad_clips.txt") as tmp:
+            tmp.write_text(listing)
+    return summary

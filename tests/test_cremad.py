@@ -1,0 +1,84 @@
+"""CREMA-D preparation on a tiny raw copy in the release's layout (wav + flv made here)."""
+import numpy as np
+import pytest
+from scipy.io import wavfile
+
+from mie.data.cremad import EMOTIONS, actor_disjoint_split, parse_clip, prepare_cremad, read_frames
+from mie.errors import MieInputError
+
+av = pytest.importorskip("av")
+
+CLIPS = ["1001_DFA_ANG_XX", "1002_IEO_HAP_HI", "1003_TIE_NEU_XX"]
+
+
+def write_flv(path, seconds=2.5, fps=10, size=(24, 32)):
+    with av.open(str(path), "w", format="flv") as container:
+        stream = container.add_stream("flv", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(int(seconds * fps)):
+            image = np.full((*size, 3), (i * 9) % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_raw(root, clips=CLIPS):
+    (root / "AudioWAV").mkdir(parents=True)
+    (root / "VideoFlash").mkdir()
+    rng = np.random.default_rng(0)
+    for clip in clips:
+        wavfile.write(root / "AudioWAV" / f"{clip}.wav", 16_000, (rng.normal(0, 0.1, 8_000) * 32767).astype(np.int16))
+        write_flv(root / "VideoFlash" / f"{clip}.flv")
+    return root
+
+
+def test_clip_names():
+    clip = parse_clip("1001_DFA_ANG_XX.wav")
+    assert (clip.actor, clip.sentence, clip.emotion, clip.level) == ("1001", "DFA", "ANG", "XX")
+    assert clip.label == EMOTIONS.index("ANG") == 5
+    with pytest.raises(MieInputError, match="emotion 'BOR'"):
+        parse_clip("1001_DFA_BOR_XX")
+    with pytest.raises(MieInputError, match="not a CREMA-D clip name"):
+        parse_clip("hello.wav")
+
+
+def test_actor_disjoint_split_shares_no_actor():
+    clips = [parse_clip(f"{1001 + a}_DFA_{e}_XX") for a in range(20) for e in EMOTIONS]
+    split = actor_disjoint_split(clips, seed=0)
+    actors = {s: {n.split("_")[0] for n in names} for s, names in split.items()}
+    assert not actors["train"] & actors["test"] and not actors["train"] & actors["val"]
+    assert not actors["val"] & actors["test"]
+    assert sum(len(v) for v in split.values()) == 120 and (len(actors["train"]), len(actors["test"])) == (14, 3)
+
+
+def test_frames_one_per_second(tmp_path):
+    write_flv(tmp_path / "v.flv", seconds=2.5)
+    frames = read_frames(tmp_path / "v.flv", size=(16, 20))
+    assert frames.shape == (3, 3, 16, 20) and frames.dtype == np.uint8   # t = 0, 1, 2 s
+
+
+def test_prepare_writes_shapes_resumes_and_reports_bad_clips(tmp_path):
+    root = make_raw(tmp_path / "raw")
+    out = tmp_path / "prepared"
+    summary = prepare_cremad(root, out, workers=2, size=(16, 16), progress=False)
+    assert (summary.done, summary.skipped, summary.bad) == (3, 0, {})
+    for clip in CLIPS:
+        assert np.load(out / "audio" / f"{clip}.npy").shape == (257, 188)
+        assert np.load(out / "video" / f"{clip}.npy").shape == (3, 3, 16, 16)
+    again = prepare_cremad(root, out, workers=1, size=(16, 16), progress=False)
+    assert (again.done, again.skipped) == (0, 3)
+
+    (root / "AudioWAV" / "1004_DFA_SAD_XX.wav").write_bytes(b"")          # zero-length audio
+    (root / "VideoFlash" / "1004_DFA_SAD_XX.flv").write_bytes(b"")
+    with pytest.raises(MieInputError, match="1 bad clip.*1004_DFA_SAD_XX.*--skip-bad"):
+        prepare_cremad(root, out, workers=1, progress=False)
+    summary = prepare_cremad(root, out, workers=1, skip_bad=True, progress=False)
+    assert list(summary.bad) == ["1004_DFA_SAD_XX"] and summary.skipped == 3
+    assert (out / "bad_clips.txt").read_text().startswith("1004_DFA_SAD_XX\t")
+    assert not (out / "audio" / "1004_DFA_SAD_XX.npy").exists()
+
+
+def test_missing_layout_is_refused(tmp_path):
+    with pytest.raises(MieInputError, match="no AudioWAV folder"):
+        prepare_cremad(tmp_path, tmp_path / "out")
