@@ -82,3 +82,13 @@ def test_prepare_writes_shapes_resumes_and_reports_bad_clips(tmp_path):
 def test_missing_layout_is_refused(tmp_path):
     with pytest.raises(MieInputError, match="no AudioWAV folder"):
         prepare_cremad(tmp_path, tmp_path / "out")
+
+
+def test_prepare_command(tmp_path, capsys):
+    from mie.cli import main
+    root = make_raw(tmp_path / "raw", CLIPS[:2])
+    assert main(["prepare", "cremad", "--root", str(root), "--workers", "1", "--size", "16"]) == 0
+    assert "2 clips prepared, 0 already done" in capsys.readouterr().out
+    assert np.load(root / "prepared" / "video" / f"{CLIPS[0]}.npy").shape == (3, 3, 16, 16)
+    assert main(["prepare", "cremad", "--root", str(tmp_path / "nowhere")]) == 2
+    assert "no AudioWAV folder" in capsys.readouterr().err

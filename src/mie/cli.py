@@ -65,6 +65,14 @@ def build_parser():
     p.add_argument("--report", default="docs/results.md", metavar="FILE.md", help="the generated report")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
 
+    p = sub.add_parser("prepare", help="turn a benchmark's raw release into what training reads")
+    p.add_argument("dataset", choices=["cremad"], help="the benchmark")
+    p.add_argument("--root", required=True, metavar="DIR", help="the raw release")
+    p.add_argument("--out", metavar="DIR", help="where the prepared files go (default ROOT/prepared)")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable clips out and list them")
+    p.add_argument("--size", type=int, default=224, help="video frame height and width (default 224)")
+
     sub.add_parser("methods", help="list the training methods and their hyper-parameters")
     sub.add_parser("datasets", help="list the built-in datasets")
     return parser
@@ -148,6 +156,14 @@ def cmd_benchmark(args):
     print(f"report written to {args.report}")
 
 
+def cmd_prepare(args):
+    from .data.cremad import prepare_cremad
+    out = Path(args.out) if args.out else Path(args.root) / "prepared"
+    summary = prepare_cremad(args.root, out, args.workers, args.skip_bad, (args.size, args.size))
+    bad = f", {len(summary.bad)} bad (listed in {out / 'bad_clips.txt'})" if summary.bad else ""
+    print(f"{args.dataset}: {summary.done} clips prepared, {summary.skipped} already done{bad} → {out}")
+
+
 def cmd_methods(args):
     from .methods import METHODS, method_params
     for name, (_, fixed, description) in METHODS.items():
@@ -164,6 +180,7 @@ def cmd_datasets(args):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "benchmark": cmd_benchmark,
+            "prepare": cmd_prepare,
             "methods": cmd_methods,
             "datasets": cmd_datasets}
 
