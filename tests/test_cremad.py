@@ -92,3 +92,32 @@ def test_prepare_command(tmp_path, capsys):
     assert np.load(root / "prepared" / "video" / f"{CLIPS[0]}.npy").shape == (3, 3, 16, 16)
     assert main(["prepare", "cremad", "--root", str(tmp_path / "nowhere")]) == 2
     assert "no AudioWAV folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["mie", "joint"])
+def test_prepare_then_train(tmp_path, capsys, method):
+    import json
+
+    import torch
+
+    from mie.cli import main
+    clips = [f"{1001 + a}_DFA_{e}_XX" for a in range(10) for e in ("ANG", "NEU")]
+    root = make_raw(tmp_path / "raw", clips)
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "cremad", "--root", str(root), "--out", str(prepared), "--workers", "2",
+                 "--size", "16"]) == 0
+    out = tmp_path / method
+    code = main(["train", "--dataset", "cremad", "--root", str(prepared), "--method", method, "--out", str(out),
+                 "--epochs", "1", "model.dim=16", "model.head_hidden=[8]", "train.batch_size=4"])
+    assert code == 0, capsys.readouterr().err
+    spec = torch.load(out / "checkpoints" / "best.pt", weights_only=False)["spec"]
+    assert spec["input_shapes"] == {"audio": (1, 257, 188), "video": (3, 3, 16, 16)} and spec["num_classes"] == 6
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]["per_modality"]) == {"audio", "video"}
+    assert sum(metrics["split"]["sizes"].values()) == 20
+
+
+def test_train_without_root_is_refused(capsys):
+    from mie.cli import main
+    assert main(["train", "--dataset", "cremad", "--out", "/tmp/never"]) == 2
+    assert "--root DIR" in capsys.readouterr().err

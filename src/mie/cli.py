@@ -23,6 +23,7 @@ def _data_args(p):
     p.add_argument("--data", metavar="FILE.npz", help="your data: x_<modality> arrays, y, optional split")
     p.add_argument("--dataset", help="a built-in dataset (see `mie datasets`)")
     p.add_argument("--modalities", help="comma-separated modality names, e.g. pix,zer")
+    p.add_argument("--root", metavar="DIR", help="a prepared benchmark folder (see `mie prepare`)")
 
 
 def _common_args(p):
@@ -79,7 +80,7 @@ def build_parser():
 
 
 def _config(args, method=None, extra_overrides=()):
-    data = {"path": args.data, "dataset": args.dataset,
+    data = {"path": args.data, "dataset": args.dataset, "root": getattr(args, "root", None),
             "modalities": args.modalities.split(",") if args.modalities else None}
     if args.data and args.dataset:
         raise MieInputError("give either --data or --dataset, not both")
@@ -175,6 +176,9 @@ def cmd_datasets(args):
     from .data import DATASETS
     for name, (_, default, description) in DATASETS.items():
         print(f"{name:<14} {description}; default modalities {','.join(default)}")
+    from .data import DISK_DATASETS
+    for name in DISK_DATASETS:
+        print(f"{name:<14} read from disk: `mie prepare {name} --root RAW --out DIR`, then --dataset {name} --root DIR")
     print(f"{'(your own)':<14} --data FILE.npz with x_<modality> (N, ...), y (N,), optional split (N,) "
           "0/1/2 = train/val/test")
 

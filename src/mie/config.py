@@ -15,6 +15,7 @@ DEFAULTS = {
     "data": {
         "dataset": None,        # a built-in dataset name (mie datasets) ...
         "path": None,           # ... or a user's .npz file
+        "root": None,           # a prepared benchmark folder (mie prepare), for datasets read from disk
         "modalities": None,     # list of names; default: the dataset's usual pair / all x_* of an npz
         "standardize": True,    # z-score per feature (vectors) or channel, with train statistics
         "val_fraction": 0.15,   # without a split array: stratified 70/15/15 from the seed

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from .data import DISK_DATASETS
 from .data.prepare import load_arrays, prepare_arrays, prepare_datasets
 from .errors import MieInputError
 from .io import atomic_path, csv_text, save_torch, write_json, write_text
@@ -132,6 +133,11 @@ def fit(data=None, method=None, *, config=None, out_dir=None, resume=False, seed
 
 
 def prepare(cfg, data=None):
+    if data is None and cfg["data"]["dataset"] in DISK_DATASETS:
+        if not cfg["data"]["root"]:
+            raise MieInputError(f"dataset '{cfg['data']['dataset']}' is read from disk: pass --root DIR "
+                                "(the folder `mie prepare` wrote)")
+        data = DISK_DATASETS[cfg["data"]["dataset"]](cfg["data"]["root"], cfg["train"]["seed"])
     if isinstance(data, dict):
         return prepare_datasets(data, cfg)
     return prepare_arrays(load_arrays(cfg, data), cfg)

@@ -11,6 +11,9 @@ Prepared layout written to OUT (one file per clip and modality, each written ato
     OUT/audio/<clip>.npy    (257, 188) float32   log-STFT of audio.py (OGM-GE's preprocessing)
     OUT/video/<clip>.npy    (T, 3, H, W) uint8   one frame per second, resized to H × W
 
+Training reads OUT through ``cremad_datasets`` (``--dataset cremad --root OUT``), split by actor:
+no actor appears in two of train / validation / test.
+
 Classes, in OGM-GE's order: NEU, HAP, SAD, FEA, DIS, ANG.
 """
 import os
@@ -19,6 +22,8 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import MieInputError
@@ -171,3 +176,42 @@ def prepare_cremad(root, out, workers=None, skip_bad=False, size=(224, 224), pro
         with atomic_path(out / "bad_clips.txt") as tmp:
             tmp.write_text(listing)
     return summary
+
+
+class CremadDataset(Dataset):
+    """Prepared CREMA-D clips: item i is ({"audio": (1, 257, 188), "video": (3, T, H, W)}, label).
+
+    ``frames`` frames are taken evenly from the clip's 1-fps frames (the last one repeated when a
+    clip is shorter); pixels are scaled to [0, 1] and normalised with the ImageNet mean and std.
+    """
+
+    num_classes = len(EMOTIONS)
+    MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None, None]
+    STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None, None]
+
+    def __init__(self, prepared, clips, frames=3):
+        self.prepared, self.clips, self.frames = Path(prepared), [parse_clip(c) for c in clips], frames
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        clip = self.clips[i]
+        audio = np.load(self.prepared / "audio" / f"{clip.name}.npy")[None]
+        video = np.load(self.prepared / "video" / f"{clip.name}.npy")          # (T, 3, H, W)
+        pick = np.linspace(0, len(video) - 1, self.frames).round().astype(int)
+        video = (video[pick].transpose(1, 0, 2, 3).astype(np.float32) / 255.0 - self.MEAN) / self.STD
+        return {"audio": torch.from_numpy(audio), "video": torch.from_numpy(video)}, clip.label
+
+
+def cremad_datasets(prepared, seed, frames=3, fractions=(0.7, 0.15, 0.15)):
+    """{"train", "val", "test"} CremadDatasets over the prepared clips, split by actor with ``seed``."""
+    prepared = Path(prepared)
+    if not (prepared / "audio").is_dir() or not (prepared / "video").is_dir():
+        raise MieInputError(f"{prepared} is not a prepared CREMA-D folder (audio/ and video/); "
+                            "run `mie prepare cremad --root RAW --out DIR` first and pass DIR")
+    names = sorted(p.stem for p in (prepared / "audio").glob("*.npy") if (prepared / "video" / p.name).exists())
+    if not names:
+        raise MieInputError(f"{prepared} holds no prepared clips")
+    split = actor_disjoint_split([parse_clip(n) for n in names], seed, fractions)
+    return {s: CremadDataset(prepared, split[s], frames) for s in ("train", "val", "test")}
