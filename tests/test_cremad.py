@@ -1,9 +1,9 @@
 """CREMA-D preparation on a tiny raw copy in the release's layout (wav + flv made here)."""
 import numpy as np
 import pytest
-from scipy.io import wavfile
 
 from mie.data.cremad import EMOTIONS, actor_disjoint_split, parse_clip, prepare_cremad, read_frames
+from mie.data.synthetic import write_cremad, write_flv
 from mie.errors import MieInputError
 
 av = pytest.importorskip("av")
@@ -11,26 +11,8 @@ av = pytest.importorskip("av")
 CLIPS = ["1001_DFA_ANG_XX", "1002_IEO_HAP_HI", "1003_TIE_NEU_XX"]
 
 
-def write_flv(path, seconds=2.5, fps=10, size=(24, 32)):
-    with av.open(str(path), "w", format="flv") as container:
-        stream = container.add_stream("flv", rate=fps)
-        stream.height, stream.width, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(int(seconds * fps)):
-            image = np.full((*size, 3), (i * 9) % 256, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def make_raw(root, clips=CLIPS):
-    (root / "AudioWAV").mkdir(parents=True)
-    (root / "VideoFlash").mkdir()
-    rng = np.random.default_rng(0)
-    for clip in clips:
-        wavfile.write(root / "AudioWAV" / f"{clip}.wav", 16_000, (rng.normal(0, 0.1, 8_000) * 32767).astype(np.int16))
-        write_flv(root / "VideoFlash" / f"{clip}.flv")
-    return root
+    return write_cremad(root, clips, seconds=2.5, fps=10, size=(24, 32))
 
 
 def test_clip_names():
@@ -53,7 +35,7 @@ def test_actor_disjoint_split_shares_no_actor():
 
 
 def test_frames_one_per_second(tmp_path):
-    write_flv(tmp_path / "v.flv", seconds=2.5)
+    write_flv(tmp_path / "v.flv", seconds=2.5, fps=10, size=(24, 32))
     frames = read_frames(tmp_path / "v.flv", size=(16, 20))
     assert frames.shape == (3, 3, 16, 20) and frames.dtype == np.uint8   # t = 0, 1, 2 s
 

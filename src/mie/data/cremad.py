@@ -18,7 +18,7 @@ Classes, in OGM-GE's order: NEU, HAP, SAD, FEA, DIS, ANG.
 """
 import os
 from dataclasses import dataclass, field
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +164,8 @@ def prepare_cremad(root, out, workers=None, skip_bad=False, size=(224, 224), pro
     if workers == 1:
         count(map(_prepare_one, jobs))
     else:
-        with Pool(workers) as pool:
+        # spawn, not fork: a forked child deadlocks in torch's OpenMP pool once the parent has used it
+        with get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             count(pool.imap_unordered(_prepare_one, jobs, chunksize=4))
     bar.close()
     if summary.bad:
