@@ -34,3 +34,13 @@ def test_numbers_are_coerced_and_types_checked():
         build_config(None, ["train.threads=two"])
     with pytest.raises(MieInputError, match="expected section.key=value"):
         build_config(None, ["lr"])
+
+
+def test_ablations_do_not_offer_switched_off_parameters():
+    from mie.methods import method_params
+    assert {"tau", "rho"} <= set(method_params("mie"))
+    assert "tau" not in method_params("mie_sam_only") and "rho" in method_params("mie_sam_only")
+    assert "rho" not in method_params("mie_gm_only") and "tau" in method_params("mie_gm_only")
+    assert not {"tau", "rho", "adaptive"} & set(method_params("alternating"))
+    with pytest.raises(MieInputError, match="unknown config key 'method.tau' for method 'alternating'"):
+        build_config(None, ["method.name=alternating", "method.tau=0.8"])

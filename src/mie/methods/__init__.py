@@ -46,7 +46,8 @@ METHODS = {
 def method_params(name):
     """The hyper-parameters a user may set for method ``name``, with their defaults."""
     cls, fixed, _ = _lookup(name)
-    return {k: v for k, v in cls.params().items() if k not in fixed}
+    hidden = set(fixed) | cls.unused_params(fixed)
+    return {k: v for k, v in cls.params().items() if k not in hidden}
 
 
 def create_method(name, **params):

@@ -52,6 +52,11 @@ class Method:
         return {k: p.default for k, p in sig.parameters.items()
                 if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
+    @classmethod
+    def unused_params(cls, fixed):
+        """Parameters that have no effect once ``fixed`` settings are applied (hidden from users)."""
+        return set()
+
     def hparams(self):
         return {k: getattr(self, k) for k in self.params()}
 

@@ -50,6 +50,11 @@ class MIE(Method):
         self.alternation, self.epochs_per_stage = alternation, int(epochs_per_stage)
         self.order = list(order) if order else None
 
+    @classmethod
+    def unused_params(cls, fixed):
+        return ({"rho", "adaptive"} if fixed.get("sam") is False else set()) | \
+               ({"tau"} if fixed.get("gm") is False else set())
+
     # ---- set-up -----------------------------------------------------------------------
     def setup(self, model, ctx):
         super().setup(model, ctx)
