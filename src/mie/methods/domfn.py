@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MieInputError
-from ..models import ClassifierHead, create_encoder, fuse
+from ..models import ClassifierHead, build_encoders, fuse
 from .base import Method, require_two_modalities
 
 DOMFN_FUSIONS = ("divergence", "model", "average", "weight")
@@ -128,7 +128,7 @@ class DOMFNModel(nn.Module):
 
     @classmethod
     def build(cls, spec, feature_fusion="concat"):
-        encoders = {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim) for m in spec.modalities}
+        encoders = build_encoders(spec)
         heads = {m: ClassifierHead(spec.dim, spec.num_classes, spec.head_hidden) for m in spec.modalities}
         width = spec.dim * len(spec.modalities) if feature_fusion == "concat" else spec.dim
         return cls(encoders, heads, ClassifierHead(width, spec.num_classes, spec.head_hidden), feature_fusion)

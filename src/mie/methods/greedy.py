@@ -105,7 +105,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MieInputError
-from ..models import ClassifierHead, create_encoder, fuse
+from ..models import ClassifierHead, build_encoders, fuse
 from .base import Method, require_two_modalities
 
 GREEDY_FUSIONS = ("average", "weight")
@@ -188,7 +188,7 @@ class GreedyModel(nn.Module):
 
     @classmethod
     def build(cls, spec, ratio=4):
-        encoders = {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim) for m in spec.modalities}
+        encoders = build_encoders(spec)
         heads = {m: ClassifierHead(spec.dim, spec.num_classes, spec.head_hidden) for m in spec.modalities}
         return cls(encoders, heads, spec.dim, ratio)
 

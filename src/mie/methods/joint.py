@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MieInputError
-from ..models import ClassifierHead, create_encoder
+from ..models import ClassifierHead, build_encoders
 from .base import Method
 
 LATE_FUSIONS = ("average", "weight")
@@ -64,7 +64,7 @@ class SharedHeadModel(nn.Module):
 
     @classmethod
     def build(cls, spec, mode):
-        encoders = {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim) for m in spec.modalities}
+        encoders = build_encoders(spec)
         width = spec.dim * len(spec.modalities) if mode == "concat" else spec.dim
         return cls(encoders, ClassifierHead(width, spec.num_classes, spec.head_hidden), mode)
 

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MieInputError
-from ..models import ClassifierHead, create_encoder
+from ..models import ClassifierHead, build_encoders
 from ..models.fusion import FUSIONS
 from .base import Method, require_two_modalities
 
@@ -90,8 +90,7 @@ class MLAModel(nn.Module):
 
     @classmethod
     def build(cls, spec):
-        encoders = {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim)
-                    for m in spec.modalities}
+        encoders = build_encoders(spec)
         return cls(encoders, ClassifierHead(spec.dim, spec.num_classes, spec.head_hidden))
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MieInputError
-from ..models import ClassifierHead, create_encoder
+from ..models import ClassifierHead, build_encoders
 
 FUSED = "fused"
 
@@ -64,7 +64,7 @@ class MultiHeadModel(nn.Module):
 
     @classmethod
     def build(cls, spec):
-        encoders = {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim) for m in spec.modalities}
+        encoders = build_encoders(spec)
         heads = {m: ClassifierHead(spec.dim, spec.num_classes, spec.head_hidden) for m in spec.modalities}
         fused = ClassifierHead(spec.dim * len(spec.modalities), spec.num_classes, spec.head_hidden)
         return cls(encoders, heads, fused)

@@ -36,3 +36,8 @@ def create_encoder(name, input_shape, dim, **kwargs):
     if name not in ENCODERS:
         raise MieInputError(f"unknown encoder '{name}'; expected one of {', '.join(sorted(ENCODERS))}")
     return ENCODERS[name](tuple(input_shape), dim, **kwargs)
+
+
+def build_encoders(spec):
+    """{modality: encoder} for a ``ModelSpec``: each maps (B, *input_shape) → (B, spec.dim)."""
+    return {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim) for m in spec.modalities}

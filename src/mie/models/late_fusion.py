@@ -1,7 +1,7 @@
 """One encoder φ_m and one head h_m per modality; predictions are fused only at inference."""
 from torch import nn
 
-from .encoders import create_encoder
+from .encoders import build_encoders
 from .head import ClassifierHead
 
 
@@ -32,7 +32,6 @@ class LateFusionModel(nn.Module):
     @classmethod
     def build(cls, spec):
         """Build from a ``ModelSpec`` (input shapes, encoder names, dim, classes, head widths)."""
-        encoders = {m: create_encoder(spec.encoders[m], spec.input_shapes[m], spec.dim)
-                    for m in spec.modalities}
+        encoders = build_encoders(spec)
         heads = {m: ClassifierHead(spec.dim, spec.num_classes, spec.head_hidden) for m in spec.modalities}
         return cls(encoders, heads)
