@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mie.data.cremad import EMOTIONS, prepare_cremad
-from mie.data.synthetic import write_cremad
+from mie.data.synthetic.cremad import write_cremad
 
 
 def main():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mie.data.cremad import EMOTIONS, actor_disjoint_split, parse_clip, prepare_cremad, read_frames
-from mie.data.synthetic import write_cremad, write_flv
+from mie.data.synthetic.cremad import write_cremad, write_flv
 from mie.errors import MieInputError
 
 av = pytest.importorskip("av")
@@ -43,12 +43,12 @@ def test_frames_one_per_second(tmp_path):
 def test_prepare_writes_shapes_resumes_and_reports_bad_clips(tmp_path):
     root = make_raw(tmp_path / "raw")
     out = tmp_path / "prepared"
-    summary = prepare_cremad(root, out, workers=2, size=(16, 16), progress=False)
+    summary = prepare_cremad(root, out, workers=2, size=16, progress=False)
     assert (summary.done, summary.skipped, summary.bad) == (3, 0, {})
     for clip in CLIPS:
         assert np.load(out / "audio" / f"{clip}.npy").shape == (257, 188)
         assert np.load(out / "video" / f"{clip}.npy").shape == (3, 3, 16, 16)
-    again = prepare_cremad(root, out, workers=1, size=(16, 16), progress=False)
+    again = prepare_cremad(root, out, workers=1, size=16, progress=False)
     assert (again.done, again.skipped) == (0, 3)
 
     (root / "AudioWAV" / "1004_DFA_SAD_XX.wav").write_bytes(b"")          # zero-length audio
@@ -57,7 +57,7 @@ def test_prepare_writes_shapes_resumes_and_reports_bad_clips(tmp_path):
         prepare_cremad(root, out, workers=1, progress=False)
     summary = prepare_cremad(root, out, workers=1, skip_bad=True, progress=False)
     assert list(summary.bad) == ["1004_DFA_SAD_XX"] and summary.skipped == 3
-    assert (out / "bad_clips.txt").read_text().startswith("1004_DFA_SAD_XX\t")
+    assert (out / "bad_files.txt").read_text().startswith("1004_DFA_SAD_XX\t")
     assert not (out / "audio" / "1004_DFA_SAD_XX.npy").exists()
 
 
@@ -69,11 +69,11 @@ def test_missing_layout_is_refused(tmp_path):
 def test_prepare_command(tmp_path, capsys):
     from mie.cli import main
     root = make_raw(tmp_path / "raw", CLIPS[:2])
-    assert main(["prepare", "cremad", "--root", str(root), "--workers", "1", "--size", "16"]) == 0
-    assert "2 clips prepared, 0 already done" in capsys.readouterr().out
+    assert main(["prepare", "cremad", "--root", str(root), "--workers", "1", "size=16"]) == 0
+    assert "2 prepared, 0 already done" in capsys.readouterr().out
     assert np.load(root / "prepared" / "video" / f"{CLIPS[0]}.npy").shape == (3, 3, 16, 16)
     assert main(["prepare", "cremad", "--root", str(tmp_path / "nowhere")]) == 2
-    assert "no AudioWAV folder" in capsys.readouterr().err
+    assert "is not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["mie", "joint"])
@@ -87,7 +87,7 @@ def test_prepare_then_train(tmp_path, capsys, method):
     root = make_raw(tmp_path / "raw", clips)
     prepared = tmp_path / "prepared"
     assert main(["prepare", "cremad", "--root", str(root), "--out", str(prepared), "--workers", "2",
-                 "--size", "16"]) == 0
+                 "size=16"]) == 0
     out = tmp_path / method
     code = main(["train", "--dataset", "cremad", "--root", str(prepared), "--method", method, "--out", str(out),
                  "--epochs", "1", "model.dim=16", "model.head_hidden=[8]", "train.batch_size=4"])

@@ -67,12 +67,13 @@ def build_parser():
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
 
     p = sub.add_parser("prepare", help="turn a benchmark's raw release into what training reads")
-    p.add_argument("dataset", choices=["cremad"], help="the benchmark")
+    p.add_argument("dataset", help="the benchmark (see `mie datasets`)")
     p.add_argument("--root", required=True, metavar="DIR", help="the raw release")
     p.add_argument("--out", metavar="DIR", help="where the prepared files go (default ROOT/prepared)")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable clips out and list them")
-    p.add_argument("--size", type=int, default=224, help="video frame height and width (default 224)")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable files out and list them")
+    p.add_argument("options", nargs="*", metavar="option=value",
+                   help="the benchmark's own options anywhere on the line, e.g. size=224 (see `mie datasets`)")
 
     sub.add_parser("methods", help="list the training methods and their hyper-parameters")
     sub.add_parser("datasets", help="list the built-in datasets")
@@ -157,12 +158,29 @@ def cmd_benchmark(args):
     print(f"report written to {args.report}")
 
 
+def _options(words):
+    """['size=224', 'lists=DIR'] → {"size": 224, "lists": "DIR"} (values read as YAML)."""
+    import yaml
+    options = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        if not eq or not key.isidentifier():
+            raise MieInputError(f"cannot read option '{word}'; expected name=value, e.g. size=224")
+        options[key] = yaml.safe_load(value) if value else None
+    return options
+
+
 def cmd_prepare(args):
-    from .data.cremad import prepare_cremad
+    from .data import call_with_options, disk_benchmark
+    from .data.preparation import BAD_REPORT
+    bench = disk_benchmark(args.dataset)
+    if not Path(args.root).is_dir():
+        raise MieInputError(f"--root {args.root} is not a folder; expected the raw {bench.name} release")
     out = Path(args.out) if args.out else Path(args.root) / "prepared"
-    summary = prepare_cremad(args.root, out, args.workers, args.skip_bad, (args.size, args.size))
-    bad = f", {len(summary.bad)} bad (listed in {out / 'bad_clips.txt'})" if summary.bad else ""
-    print(f"{args.dataset}: {summary.done} clips prepared, {summary.skipped} already done{bad} → {out}")
+    summary = call_with_options(bench.prepare, f"`mie prepare {bench.name}`", _options(args.options),
+                                args.root, out, workers=args.workers, skip_bad=args.skip_bad)
+    bad = f", {len(summary.bad)} bad (listed in {out / BAD_REPORT})" if summary.bad else ""
+    print(f"{bench.name}: {summary.done} prepared, {summary.skipped} already done{bad} → {out}")
 
 
 def cmd_methods(args):
@@ -177,8 +195,14 @@ def cmd_datasets(args):
     for name, (_, default, description) in DATASETS.items():
         print(f"{name:<14} {description}; default modalities {','.join(default)}")
     from .data import DISK_DATASETS
-    for name in DISK_DATASETS:
-        print(f"{name:<14} read from disk: `mie prepare {name} --root RAW --out DIR`, then --dataset {name} --root DIR")
+    from .data.disk import options_of
+    for name, bench in DISK_DATASETS.items():
+        listing = lambda fn: ", ".join(f"{k}={v!r}" for k, v in options_of(fn).items()) or "(none)"
+        print(f"{name:<14} {bench.description}; modalities {','.join(bench.modalities)}\n"
+              f"{'':<14} read from disk: `mie prepare {name} --root RAW --out DIR [option=value ...]`, "
+              f"then --dataset {name} --root DIR\n"
+              f"{'':<14} prepare options: {listing(bench.prepare)}\n"
+              f"{'':<14} data.options: {listing(bench.datasets)}")
     print(f"{'(your own)':<14} --data FILE.npz with x_<modality> (N, ...), y (N,), optional split (N,) "
           "0/1/2 = train/val/test")
 
@@ -190,13 +214,18 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "bench
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")
+_OPTION = re.compile(r"^[A-Za-z_]\w*=")
 
 
 def parse_args(argv):
     """argparse, with ``section.key=value`` overrides accepted anywhere on the line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if _OVERRIDE.match(a)]
-    args = build_parser().parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    rest = [a for a in argv if not _OVERRIDE.match(a)]
+    options = [a for a in rest if _OPTION.match(a)] if rest[:1] == ["prepare"] else []
+    args = build_parser().parse_args([a for a in rest if a not in options])
+    if options:
+        args.options = list(args.options) + options
     if overrides and not hasattr(args, "overrides"):
         raise MieInputError(f"`mie {args.command}` takes no section.key=value overrides, got {overrides[0]}")
     if overrides:

@@ -10,12 +10,14 @@ import yaml
 
 from .errors import MieInputError
 from .methods import method_params
+from .models.encoders import encoder_options
 
 DEFAULTS = {
     "data": {
         "dataset": None,        # a built-in dataset name (mie datasets) ...
         "path": None,           # ... or a user's .npz file
         "root": None,           # a prepared benchmark folder (mie prepare), for datasets read from disk
+        "options": {},          # that benchmark's own options, e.g. {split: standard, lists: DIR} (mie datasets)
         "modalities": None,     # list of names; default: the dataset's usual pair / all x_* of an npz
         "standardize": True,    # z-score per feature (vectors) or channel, with train statistics
         "val_fraction": 0.15,   # without a split array: stratified 70/15/15 from the seed
@@ -25,7 +27,9 @@ DEFAULTS = {
     },
     "model": {
         "dim": 256,                 # encoder output size d, shared by all modalities
-        "encoders": {},             # modality → encoder name; default chosen from the sample's rank
+        "encoders": {},             # modality → encoder name or {name: ..., weights: PATH, ...};
+                                    # default chosen from the sample's rank
+        "pretrained": False,        # every encoder must load pretrained weights (error if it has none)
         "head_hidden": [256, 64],   # MIE's head: FC(d,256) → ReLU → FC(256,64) → FC(64,K)
     },
     "train": {
@@ -178,8 +182,12 @@ def validate(cfg):
         raise MieInputError(f"train.threads must be a positive integer or null, got {train['threads']!r}")
     if train["lr"] <= 0:
         raise MieInputError(f"train.lr must be > 0, got {train['lr']}")
+    if not isinstance(data["options"], dict):
+        raise MieInputError("data.options must be a mapping of option → value, e.g. {split: standard}")
     if not isinstance(cfg["model"]["encoders"], dict):
         raise MieInputError("model.encoders must map modality names to encoder names, e.g. {pix: mlp}")
+    for m, entry in cfg["model"]["encoders"].items():
+        encoder_options(entry, m)
     return cfg
 
 

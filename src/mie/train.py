@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import config as config_mod
-from .data import DISK_DATASETS
+from .data import DISK_DATASETS, call_with_options
 from .data.prepare import load_arrays, prepare_arrays, prepare_datasets
 from .errors import MieInputError
 from .io import atomic_path, csv_text, save_torch, write_json, write_text
@@ -132,12 +132,25 @@ def fit(data=None, method=None, *, config=None, out_dir=None, resume=False, seed
     return run(cfg, data, out_dir=out_dir, resume=resume, callbacks=callbacks, progress=progress)
 
 
+def disk_datasets(cfg):
+    """{"train", "val", "test"} of the benchmark cfg data.dataset, read from cfg data.root."""
+    d = cfg["data"]
+    if not d["root"]:
+        raise MieInputError(f"dataset '{d['dataset']}' is read from disk: pass --root DIR "
+                            "(the folder `mie prepare` wrote)")
+    bench = DISK_DATASETS[d["dataset"]]
+    return call_with_options(bench.datasets, f"dataset '{bench.name}'", d["options"], d["root"],
+                             cfg["train"]["seed"], carve_val=d["carve_val"])
+
+
 def prepare(cfg, data=None):
     if data is None and cfg["data"]["dataset"] in DISK_DATASETS:
-        if not cfg["data"]["root"]:
-            raise MieInputError(f"dataset '{cfg['data']['dataset']}' is read from disk: pass --root DIR "
-                                "(the folder `mie prepare` wrote)")
-        data = DISK_DATASETS[cfg["data"]["dataset"]](cfg["data"]["root"], cfg["train"]["seed"])
+        d = cfg["data"]
+        return prepare_datasets(disk_datasets(cfg), cfg, d["dataset"],
+                                f"{d['dataset']} prepared in {d['root']}, seed {cfg['train']['seed']}, "
+                                f"options {d['options'] or '(defaults)'}")
+    if cfg["data"]["options"]:
+        raise MieInputError("data.options are read by benchmarks on disk only (mie datasets lists them)")
     if isinstance(data, dict):
         return prepare_datasets(data, cfg)
     return prepare_arrays(load_arrays(cfg, data), cfg)
@@ -145,6 +158,8 @@ def prepare(cfg, data=None):
 
 def model_spec(cfg, prepared):
     encoders = dict(cfg["model"]["encoders"])
+    if cfg["data"]["modalities"]:   # a chosen subset: encoders of the other modalities are not needed
+        encoders = {m: e for m, e in encoders.items() if m in prepared.modalities}
     unknown = sorted(set(encoders) - set(prepared.modalities))
     if unknown:
         raise MieInputError(f"model.encoders names unknown modality {', '.join(unknown)}; "
@@ -152,7 +167,8 @@ def model_spec(cfg, prepared):
     for m in prepared.modalities:
         encoders.setdefault(m, default_encoder(prepared.input_shapes[m]))
     return ModelSpec(prepared.modalities, {m: tuple(s) for m, s in prepared.input_shapes.items()},
-                     encoders, prepared.num_classes, cfg["model"]["dim"], tuple(cfg["model"]["head_hidden"]))
+                     encoders, prepared.num_classes, cfg["model"]["dim"], tuple(cfg["model"]["head_hidden"]),
+                     cfg["model"]["pretrained"])
 
 
 def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=None):

@@ -1,8 +1,10 @@
-"""Datasets. Built-in ones by name (``DATASETS``); a user's own as an .npz (``load_npz``)."""
+"""Datasets. Built-in ones by name (``DATASETS``); benchmarks read from disk after ``mie prepare``
+(``DISK_DATASETS``); a user's own as an .npz (``load_npz``)."""
 from ..errors import MieInputError
 from .arrays import TEST, TRAIN, VAL, MultimodalArrays, load_npz
 from .basicmotions import load_basicmotions
-from .cremad import cremad_datasets
+from .cremad import BENCHMARK as CREMAD
+from .disk import DiskBenchmark, call_with_options
 from .mfeat import load_mfeat
 from .splits import resolve_split, stratified_split
 from .torch_dataset import ArrayDataset
@@ -15,8 +17,14 @@ DATASETS = {
                      "UEA BasicMotions: 80 recordings, 4 activities, accelerometer + gyroscope (aeon)"),
 }
 
-# Benchmarks read from a user's disk after `mie prepare`: name → (root, seed) → {"train", "val", "test"}.
-DISK_DATASETS = {"cremad": cremad_datasets}
+# Benchmarks read from a user's disk: name → DiskBenchmark (prepare + datasets).
+DISK_DATASETS = {b.name: b for b in (CREMAD,)}
+
+
+def disk_benchmark(name):
+    if name not in DISK_DATASETS:
+        raise MieInputError(f"unknown benchmark '{name}'; expected one of: {', '.join(DISK_DATASETS)}")
+    return DISK_DATASETS[name]
 
 
 def load_dataset(name, modalities=None):
@@ -28,5 +36,6 @@ def load_dataset(name, modalities=None):
     return loader().select(list(modalities or default))
 
 
-__all__ = ["MultimodalArrays", "load_npz", "load_dataset", "DATASETS", "DISK_DATASETS", "resolve_split",
-           "stratified_split", "ArrayDataset", "TRAIN", "VAL", "TEST"]
+__all__ = ["MultimodalArrays", "load_npz", "load_dataset", "DATASETS", "DISK_DATASETS", "DiskBenchmark",
+           "disk_benchmark", "call_with_options", "resolve_split", "stratified_split", "ArrayDataset",
+           "TRAIN", "VAL", "TEST"]

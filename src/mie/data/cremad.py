@@ -11,24 +11,25 @@ Prepared layout written to OUT (one file per clip and modality, each written ato
     OUT/audio/<clip>.npy    (257, 188) float32   log-STFT of audio.py (OGM-GE's preprocessing)
     OUT/video/<clip>.npy    (T, 3, H, W) uint8   one frame per second, resized to H × W
 
-Training reads OUT through ``cremad_datasets`` (``--dataset cremad --root OUT``), split by actor:
-no actor appears in two of train / validation / test.
+Training reads OUT through ``cremad_datasets`` (``--dataset cremad --root OUT``). By default the
+split is by actor: no actor appears in two of train / validation / test. The standard lists
+(OGM-GE's ``train.csv`` / ``test.csv``, 6,698 / 744 clips, every actor in both) are used with
+``data.options: {split: standard, lists: DIR}``; validation is then carved from their train.
 
 Classes, in OGM-GE's order: NEU, HAP, SAD, FEA, DIS, ANG.
 """
-import os
-from dataclasses import dataclass, field
-from multiprocessing import get_context
+import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..errors import MieInputError
-from ..io import atomic_path
 from .audio import cremad_spectrogram, read_wav
+from .disk import DiskBenchmark
+from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import stratified_split
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
@@ -96,12 +97,6 @@ def read_frames(path, size=(224, 224), fps=1.0):
     return np.stack(frames).astype(np.uint8)
 
 
-def _save(path, array):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-
 def _prepare_one(job):
     """Write the audio and video arrays of one clip; returns (clip, 'done' | 'skipped' | error text)."""
     clip, root, out, size = job
@@ -111,27 +106,21 @@ def _prepare_one(job):
     try:
         if not targets["audio"].exists():
             samples, rate = read_wav(root / "AudioWAV" / f"{clip}.wav")
-            _save(targets["audio"], cremad_spectrogram(samples, rate))
+            save_npy(targets["audio"], cremad_spectrogram(samples, rate))
         if not targets["video"].exists():
-            _save(targets["video"], read_frames(root / "VideoFlash" / f"{clip}.flv", size))
+            save_npy(targets["video"], read_frames(root / "VideoFlash" / f"{clip}.flv", size))
     except MieInputError as e:
         return clip, str(e)
     return clip, "done"
 
 
-@dataclass
-class PrepareSummary:
-    done: int = 0
-    skipped: int = 0
-    bad: dict = field(default_factory=dict)   # clip → why
-
-
-def prepare_cremad(root, out, workers=None, skip_bad=False, size=(224, 224), progress=None):
+def prepare_cremad(root, out, workers=None, skip_bad=False, progress=None, size=224):
     """Turn the raw release in ``root`` into ``out`` (layout in the module docstring).
 
-    Re-running skips clips whose files exist. A clip whose audio or video cannot be read is an
-    error naming the first bad clips, unless ``skip_bad``: then it is left out and listed in
-    OUT/bad_clips.txt. Returns a ``PrepareSummary``.
+    ``size``: video frames are resized to size × size. Re-running skips clips whose files exist.
+    A clip whose audio or video cannot be read, or whose name holds no known emotion, is an error
+    naming the first bad clips, unless ``skip_bad``: then it is left out and listed in
+    OUT/bad_files.txt. Returns a ``PrepareSummary``.
     """
     root, out = Path(root), Path(out)
     wav_dir = root / "AudioWAV"
@@ -147,36 +136,9 @@ def prepare_cremad(root, out, workers=None, skip_bad=False, size=(224, 224), pro
             parse_clip(name)
         except MieInputError as e:
             summary.bad[name] = str(e)
-    jobs = [(c, root, out, tuple(size)) for c in clips if c not in summary.bad]
-    workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(jobs), desc="CREMA-D", disable=None if progress is None else not progress)
-
-    def count(results):
-        for clip, status in results:
-            if status == "done":
-                summary.done += 1
-            elif status == "skipped":
-                summary.skipped += 1
-            else:
-                summary.bad[clip] = status
-            bar.update()
-
-    if workers == 1:
-        count(map(_prepare_one, jobs))
-    else:
-        # spawn, not fork: a forked child deadlocks in torch's OpenMP pool once the parent has used it
-        with get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            count(pool.imap_unordered(_prepare_one, jobs, chunksize=4))
-    bar.close()
-    if summary.bad:
-        listing = "".join(f"{c}\t{why}\n" for c, why in sorted(summary.bad.items()))
-        if not skip_bad:
-            first = ", ".join(sorted(summary.bad)[:3])
-            raise MieInputError(f"{len(summary.bad)} bad clip(s), first: {first} "
-                                f"({summary.bad[sorted(summary.bad)[0]]}); pass --skip-bad to leave them out")
-        with atomic_path(out / "bad_clips.txt") as tmp:
-            tmp.write_text(listing)
-    return summary
+    jobs = [(c, root, out, (size, size)) for c in clips if c not in summary.bad]
+    run_jobs(_prepare_one, jobs, summary, workers, "CREMA-D", progress)
+    return finish(summary, out, skip_bad, "clip")
 
 
 class CremadDataset(Dataset):
@@ -187,6 +149,7 @@ class CremadDataset(Dataset):
     """
 
     num_classes = len(EMOTIONS)
+    classes = list(EMOTIONS)
     MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None, None]
     STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None, None]
 
@@ -205,8 +168,51 @@ class CremadDataset(Dataset):
         return {"audio": torch.from_numpy(audio), "video": torch.from_numpy(video)}, clip.label
 
 
-def cremad_datasets(prepared, seed, frames=3, fractions=(0.7, 0.15, 0.15)):
-    """{"train", "val", "test"} CremadDatasets over the prepared clips, split by actor with ``seed``."""
+def read_list(path):
+    """Clip names of a standard CREMA-D list (OGM-GE's train.csv / test.csv: ``clip,EMOTION`` lines).
+
+    The emotion column, when present, must agree with the clip name."""
+    path = Path(path)
+    if not path.is_file():
+        raise MieInputError(f"no such CREMA-D list: {path} (expected lines like 1001_DFA_ANG_XX,ANG)")
+    names = []
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), start=1):
+            if not row or not row[0].strip():
+                continue
+            clip = parse_clip(row[0].strip())
+            if len(row) > 1 and row[1].strip() and row[1].strip() != clip.emotion:
+                raise MieInputError(f"{path}:{n}: label '{row[1].strip()}' disagrees with clip {clip.name}")
+            names.append(clip.name)
+    if not names:
+        raise MieInputError(f"{path} lists no clips")
+    return names
+
+
+def standard_split(names, lists, seed, carve_val):
+    """{"train", "val", "test"} from the standard lists (LISTS/train.csv, LISTS/test.csv), with
+    ``carve_val`` of train (stratified by emotion, from ``seed``) as validation."""
+    lists = Path(lists)
+    train, test = read_list(lists / "train.csv"), read_list(lists / "test.csv")
+    missing = sorted(set(train + test) - set(names))
+    if missing:
+        raise MieInputError(f"{len(missing)} listed clip(s) are not prepared, first: {', '.join(missing[:3])}; "
+                            "run `mie prepare cremad` on the full release (or --skip-bad listed them as bad)")
+    if set(train) & set(test):
+        raise MieInputError(f"{lists}: train.csv and test.csv share clips, e.g. {sorted(set(train) & set(test))[0]}")
+    labels = np.array([parse_clip(n).label for n in train])
+    keep, carved = stratified_split(labels, [1 - carve_val, carve_val], seed)
+    return {"train": [train[i] for i in keep], "val": [train[i] for i in carved], "test": test}
+
+
+def cremad_datasets(prepared, seed, carve_val=0.2, split="actor", lists=None, frames=3,
+                    fractions=(0.7, 0.15, 0.15)):
+    """{"train", "val", "test"} CremadDatasets over the prepared clips.
+
+    split "actor" (default): actors shuffled with ``seed`` and cut in ``fractions``, no actor in two
+    splits. split "standard": the 6,698 / 744 lists in folder ``lists`` (train.csv, test.csv), which
+    share all 91 actors, with ``carve_val`` of train as validation.
+    """
     prepared = Path(prepared)
     if not (prepared / "audio").is_dir() or not (prepared / "video").is_dir():
         raise MieInputError(f"{prepared} is not a prepared CREMA-D folder (audio/ and video/); "
@@ -214,5 +220,19 @@ def cremad_datasets(prepared, seed, frames=3, fractions=(0.7, 0.15, 0.15)):
     names = sorted(p.stem for p in (prepared / "audio").glob("*.npy") if (prepared / "video" / p.name).exists())
     if not names:
         raise MieInputError(f"{prepared} holds no prepared clips")
-    split = actor_disjoint_split([parse_clip(n) for n in names], seed, fractions)
-    return {s: CremadDataset(prepared, split[s], frames) for s in ("train", "val", "test")}
+    if split == "actor":
+        if lists is not None:
+            raise MieInputError("data.options.lists is read with split: standard only")
+        parts = actor_disjoint_split([parse_clip(n) for n in names], seed, list(fractions))
+    elif split == "standard":
+        if lists is None:
+            raise MieInputError("split: standard needs data.options.lists, the folder holding train.csv and test.csv")
+        parts = standard_split(names, lists, seed, carve_val)
+    else:
+        raise MieInputError(f"CREMA-D split '{split}' is not one of: actor, standard")
+    return {s: CremadDataset(prepared, parts[s], frames) for s in ("train", "val", "test")}
+
+
+BENCHMARK = DiskBenchmark(
+    "cremad", "CREMA-D: 7,442 clips, 6 emotions, audio (257×188 log-STFT) + video (1 fps frames)",
+    ("audio", "video"), prepare_cremad, cremad_datasets)

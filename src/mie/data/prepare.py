@@ -60,8 +60,9 @@ def prepare_arrays(arrays, cfg, standardizer=None):
                         arrays.classes or [str(c) for c in range(arrays.num_classes)])
 
 
-def prepare_datasets(datasets, cfg):
-    """Use a user's own Datasets {"train", "val", "test"}, each yielding ({m: tensor}, label)."""
+def prepare_datasets(datasets, cfg, name="datasets", how="the given train/val/test datasets"):
+    """Use Datasets {"train", "val", "test"}, each yielding ({m: tensor}, label): a user's own, or
+    a benchmark's read from disk."""
     missing = [s for s in ("train", "val", "test") if s not in datasets]
     if missing:
         raise MieInputError(f"datasets must have the keys train, val and test; missing {', '.join(missing)}")
@@ -76,4 +77,4 @@ def prepare_datasets(datasets, cfg):
     if k is None:
         k = 1 + max(int(torch.as_tensor(datasets["train"][i][1])) for i in range(len(datasets["train"])))
     return PreparedData(dict(datasets), modalities, {m: tuple(np.shape(first[m])) for m in modalities},
-                        int(k), "datasets", "the given train/val/test datasets")
+                        int(k), name, how, classes=getattr(datasets["train"], "classes", None))

@@ -1,5 +1,4 @@
-"""Synthetic raw copies of the benchmarks, in the releases' exact layouts, for tests and for
-timing ``mie prepare`` (nothing here is real data)."""
+"""A synthetic CREMA-D release: AudioWAV/*.wav and VideoFlash/*.flv (for tests and timing)."""
 from pathlib import Path
 
 import numpy as np
