@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from mie.data.cremad import EMOTIONS, actor_disjoint_split, parse_clip, prepare_cremad, read_frames
+from mie.data.cremad import EMOTIONS, actor_disjoint_split, parse_clip, prepare_cremad
+from mie.data.video import read_frames
 from mie.data.synthetic.cremad import write_cremad, write_flv
 from mie.errors import MieInputError
 

@@ -31,6 +31,7 @@ from .audio import cremad_spectrogram, read_wav
 from .disk import DiskBenchmark
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import stratified_split
+from .video import read_frames
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 
@@ -70,31 +71,6 @@ def actor_disjoint_split(clips, seed, fractions=(0.7, 0.15, 0.15)):
     parts = stratified_split(np.zeros(len(actors), dtype=np.int64), list(fractions), seed)
     owner = {a: s for s, idx in zip(("train", "val", "test"), parts) for a in actors[idx]}
     return {s: [c.name for c in clips if owner[c.actor] == s] for s in ("train", "val", "test")}
-
-
-def read_frames(path, size=(224, 224), fps=1.0):
-    """Decode a video with PyAV and keep one frame per 1/fps seconds → (T, 3, H, W) uint8."""
-    try:
-        import av
-    except ImportError:
-        raise MieInputError("reading CREMA-D video needs PyAV: pip install 'mie[video]' (or pip install av)") from None
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            frames, next_time = [], 0.0
-            for frame in container.decode(stream):
-                t = float(frame.pts * stream.time_base) if frame.pts is not None else len(frames) / fps
-                if t + 1e-6 >= next_time:
-                    image = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
-                    frames.append(image.transpose(2, 0, 1))
-                    next_time += 1.0 / fps
-    except MieInputError:
-        raise
-    except Exception as e:
-        raise MieInputError(f"cannot decode {path} ({type(e).__name__}: {e})") from None
-    if not frames:
-        raise MieInputError(f"{path} holds no video frames")
-    return np.stack(frames).astype(np.uint8)
 
 
 def _prepare_one(job):
