@@ -98,9 +98,62 @@ def test_prepare_then_train(tmp_path, capsys, method):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]["per_modality"]) == {"audio", "video"}
     assert sum(metrics["split"]["sizes"].values()) == 20
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoints" / "best.pt")]) == 0    # read again from disk
+    again = json.loads(capsys.readouterr().out)
+    assert again["accuracy"] == metrics["test"]["accuracy"] and again["map"] == metrics["test"]["map"]
 
 
 def test_train_without_root_is_refused(capsys):
     from mie.cli import main
     assert main(["train", "--dataset", "cremad", "--out", "/tmp/never"]) == 2
     assert "--root DIR" in capsys.readouterr().err
+
+
+def _prepared_names(prepared, names):
+    for sub in ("audio", "video"):
+        (prepared / sub).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            (prepared / sub / f"{n}.npy").touch()
+
+
+def test_standard_lists_with_validation_carved_from_train(tmp_path):
+    from mie.data.cremad import cremad_datasets
+    train = [f"{1001 + a}_DFA_{e}_XX" for a in range(10) for e in EMOTIONS]
+    test = [f"{1001 + a}_IEO_{e}_HI" for a in range(3) for e in EMOTIONS]
+    _prepared_names(tmp_path / "p", train + test)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.csv").write_text("".join(f"{n},{n.split('_')[2]}\r\n" for n in train))   # OGM-GE's CRLF lines
+    (lists / "test.csv").write_text("".join(f"{n},{n.split('_')[2]}\n" for n in test))
+    parts = cremad_datasets(tmp_path / "p", seed=0, split="standard", lists=str(lists), carve_val=0.2)
+    names = {s: [c.name for c in d.clips] for s, d in parts.items()}
+    assert sorted(names["test"]) == sorted(test)
+    assert sorted(names["train"] + names["val"]) == sorted(train) and not set(names["train"]) & set(names["val"])
+    assert len(names["val"]) == 12 and {n.split("_")[2] for n in names["val"]} == set(EMOTIONS)   # 2 per class
+    other = cremad_datasets(tmp_path / "p", seed=1, split="standard", lists=str(lists))
+    assert sorted(c.name for c in other["val"].clips) != sorted(names["val"])               # seeded carve
+
+    (lists / "test.csv").write_text("1001_DFA_ANG_XX,SAD\n")
+    with pytest.raises(MieInputError, match="test.csv:1: label 'SAD' disagrees"):
+        cremad_datasets(tmp_path / "p", seed=0, split="standard", lists=str(lists))
+    (lists / "test.csv").write_text("1099_DFA_ANG_XX,ANG\n")
+    with pytest.raises(MieInputError, match="1 listed clip.*not prepared.*1099_DFA_ANG_XX"):
+        cremad_datasets(tmp_path / "p", seed=0, split="standard", lists=str(lists))
+    with pytest.raises(MieInputError, match="needs data.options.lists"):
+        cremad_datasets(tmp_path / "p", seed=0, split="standard")
+    with pytest.raises(MieInputError, match="split 'random' is not one of"):
+        cremad_datasets(tmp_path / "p", seed=0, split="random")
+
+
+def test_unknown_options_are_one_line_errors(tmp_path, capsys):
+    from mie.cli import main
+    _prepared_names(tmp_path / "p", ["1001_DFA_ANG_XX"])
+    assert main(["train", "--dataset", "cremad", "--root", str(tmp_path / "p"), "--out", str(tmp_path / "o"),
+                 "data.options.frame=3"]) == 2
+    assert "dataset 'cremad' has no option frame; its options are: split='actor', lists=None, frames=3" \
+        in capsys.readouterr().err
+    assert main(["prepare", "cremad", "--root", str(tmp_path), "colour=1"]) == 2
+    assert "has no option colour; its options are: size=224" in capsys.readouterr().err
+    assert main(["train", "--dataset", "mfeat", "--out", str(tmp_path / "o"), "data.options.split=standard"]) == 2
+    assert "benchmarks on disk only" in capsys.readouterr().err

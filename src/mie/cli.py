@@ -31,6 +31,8 @@ def _common_args(p):
     _data_args(p)
     p.add_argument("--epochs", type=int, help="epoch budget per modality")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--pretrained", action="store_true",
+                   help="every encoder loads pretrained weights (model.encoders.M.weights); error if one has none")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides anywhere on the line, e.g. train.lr=0.01 method.tau=0.8")
 
@@ -90,7 +92,8 @@ def _config(args, method=None, extra_overrides=()):
     if args.dataset:
         data["path"] = None
     sections = {"data": data, "train": {"epochs": args.epochs, "device": args.device,
-                                        "seed": getattr(args, "seed", None)}}
+                                        "seed": getattr(args, "seed", None)},
+                "model": {"pretrained": True if args.pretrained else None}}
     if method:
         sections["method"] = {"name": method}
     return config_mod.build_config(args.config, list(args.overrides) + list(extra_overrides), **sections)
@@ -117,13 +120,14 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from .evaluate import evaluate_checkpoint
+    from .data import DISK_DATASETS
     data = None
-    if args.data or args.dataset:
+    if args.data or (args.dataset and args.dataset not in DISK_DATASETS):
         from .data.prepare import load_arrays
         cfg = config_mod.build_config(None, (), data={"path": args.data, "dataset": args.dataset,
                                                      "modalities": args.modalities})
         data = load_arrays(cfg)
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, data, args.split, args.device), indent=2))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, data, args.split, args.device, args.root), indent=2))
 
 
 def cmd_compare(args):

@@ -38,6 +38,8 @@ DEFAULTS = {
         "optimizer": "adam",    # adam | adamw | sgd
         "lr": 1.0e-3,
         "momentum": 0.9,        # sgd only
+        "lr_step": None,        # step schedule: lr · lr_gamma^(⌊e / lr_step⌋), e = the method's schedule
+        "lr_gamma": 0.1,        # epoch (the loop epoch; for MIE's stages the epoch within the stage)
         "weight_decay": 1.0e-4,
         "seed": 0,
         "device": "auto",       # auto | cpu | cuda | cuda:N
@@ -162,7 +164,8 @@ def validate(cfg):
         if key not in params:
             raise MieInputError(f"unknown config key 'method.{key}' for method '{method['name']}'; "
                                 f"expected one of: {', '.join(params) or '(none)'}")
-        method[key] = _check_type(f"method.{key}", value, params[key])
+        if not isinstance(value, dict):   # mappings (e.g. {audio: 25, video: 50}) are checked by the method
+            method[key] = _check_type(f"method.{key}", value, params[key])
     cfg["method"] = {"name": method["name"], **{k: method.get(k, v) for k, v in params.items()}}
     data, train = cfg["data"], cfg["train"]
     if data["modalities"] is not None:
@@ -180,6 +183,11 @@ def validate(cfg):
     if train["threads"] is not None and (isinstance(train["threads"], bool) or not isinstance(train["threads"], int)
                                          or train["threads"] < 1):
         raise MieInputError(f"train.threads must be a positive integer or null, got {train['threads']!r}")
+    if train["lr_step"] is not None and (isinstance(train["lr_step"], bool) or not isinstance(train["lr_step"], int)
+                                         or train["lr_step"] < 1):
+        raise MieInputError(f"train.lr_step must be a positive integer or null, got {train['lr_step']!r}")
+    if not 0 < train["lr_gamma"] <= 1:
+        raise MieInputError(f"train.lr_gamma must be in (0, 1], got {train['lr_gamma']}")
     if train["lr"] <= 0:
         raise MieInputError(f"train.lr must be > 0, got {train['lr']}")
     if not isinstance(data["options"], dict):

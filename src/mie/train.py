@@ -61,6 +61,25 @@ def optimizer_factory(train):
     return make
 
 
+def recording(make):
+    """``make`` that also keeps every optimizer it builds in ``.optimizers`` (for the schedule)."""
+    def make_and_keep(params):
+        optimizer = make(params)
+        make_and_keep.optimizers.append(optimizer)
+        return optimizer
+    make_and_keep.optimizers = []
+    return make_and_keep
+
+
+def apply_lr_factor(optimizers, factor):
+    """Scale every group's lr to ``factor`` × its unscheduled value; what a method set itself
+    (MSLR's rates, MSES's stops) is kept, as groups remember the factor they carry."""
+    for optimizer in optimizers:
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * factor / g.get("lr_factor", 1.0)
+            g["lr_factor"] = factor
+
+
 def to_device(batch, device, modalities):
     xs, y = batch
     return {m: xs[m].to(device, non_blocking=True) for m in modalities}, y.to(device, non_blocking=True)
@@ -194,7 +213,8 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
     def batches(split):
         return lambda: (to_device(batch, device, modalities) for batch in eval_loaders[split])
 
-    ctx = TrainContext(modalities, device, optimizer_factory(train_cfg), batches("train"), batches("val"),
+    make_optimizer = recording(optimizer_factory(train_cfg))
+    ctx = TrainContext(modalities, device, make_optimizer, batches("train"), batches("val"),
                        train_cfg["epochs"], len(train_loader))
     method.setup(model, ctx)
     num_epochs = method.num_epochs(train_cfg["epochs"])
@@ -230,11 +250,16 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         t0 = time.perf_counter()
         model.train()
         method.start_epoch(epoch)
+        step, gamma = train_cfg["lr_step"], train_cfg["lr_gamma"]
+        lr_factor = gamma ** (method.schedule_epoch(epoch) // step) if step else 1.0
+        apply_lr_factor(make_optimizer.optimizers, lr_factor)
         sums, counts = {}, {}
         for batch in train_loader:
             for k, v in method.train_step(*to_device(batch, device, modalities)).items():
                 sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
         row = {"epoch": epoch + 1, **{k: v / counts[k] for k, v in sums.items()}}
+        if step:
+            row["lr_factor"] = lr_factor
         row.update(method.end_epoch(epoch))
         val = evaluate(method, eval_loaders["val"], device, modalities)
         row.update(_flat_val(val))

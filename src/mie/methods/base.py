@@ -74,6 +74,10 @@ class Method:
         return epochs_per_modality
 
     # ---- training ---------------------------------------------------------------------
+    def schedule_epoch(self, epoch):
+        """The epoch count the learning-rate schedule (train.lr_step) reads at loop epoch ``epoch``."""
+        return epoch
+
     def start_epoch(self, epoch):
         """Called before each epoch's first step."""
 

@@ -14,6 +14,11 @@ and after the stage, T^(j) = V exp(−τ (Λ − λ_min)/(λ_max − λ_min)) V�
 each of j's head Linear inputs over one eval pass of the training data (``mie.optim.flat``).
 At inference p = fuse(p_1, …, p_m) with "average" or per-sample entropy "weight" fusion.
 
+A stage lasts ``epochs_per_stage`` epochs, one number for all modalities or one per modality
+(``{audio: 25, video: 50}`` as the authors' CREMA-D runs); the cycle repeats until every modality
+has had at least ``train.epochs`` epochs. With ``train.lr_step`` each stage restarts the step
+schedule, as the authors' code does by building a new scheduler per stage.
+
 ``sam`` and ``gm`` switch the two ingredients off, so the paper's ablation (neither / SAM only /
 GM only / both) is four runs of this method. ``alternation="iteration"`` trains every modality in
 turn on each mini-batch (as MLA does) and recomputes every T after each epoch.
@@ -44,10 +49,12 @@ class MIE(Method):
             raise MieInputError(f"tau must be > 0, got {tau}")
         if rho < 0:
             raise MieInputError(f"rho must be >= 0, got {rho}")
-        if int(epochs_per_stage) < 1:
-            raise MieInputError(f"epochs_per_stage must be >= 1, got {epochs_per_stage}")
+        lengths = epochs_per_stage.values() if isinstance(epochs_per_stage, dict) else [epochs_per_stage]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
+            raise MieInputError(f"epochs_per_stage must be an integer >= 1 or a mapping modality → integer >= 1, "
+                                f"e.g. {{audio: 25, video: 50}}; got {epochs_per_stage!r}")
         self.tau, self.rho, self.sam, self.gm, self.adaptive = float(tau), float(rho), bool(sam), bool(gm), bool(adaptive)
-        self.alternation, self.epochs_per_stage = alternation, int(epochs_per_stage)
+        self.alternation, self.epochs_per_stage = alternation, epochs_per_stage
         self.order = list(order) if order else None
 
     @classmethod
@@ -63,6 +70,11 @@ class MIE(Method):
         if sorted(order) != sorted(model.modalities):
             raise MieInputError(f"method.order {order} must list each modality once: {model.modalities}")
         self.cycle = order
+        lengths = self.epochs_per_stage
+        if isinstance(lengths, dict) and sorted(lengths) != sorted(order):
+            raise MieInputError(f"method.epochs_per_stage names {sorted(lengths)}; it must give one length for each "
+                                f"modality: {order}")
+        self.lengths = [lengths[m] if isinstance(lengths, dict) else lengths for m in order]
         self.optimizers = {}
         for m in order:
             base = ctx.make_optimizer(model.modality_parameters(m))
@@ -74,17 +86,27 @@ class MIE(Method):
     def num_epochs(self, epochs_per_modality):
         if self.alternation == "iteration":
             return epochs_per_modality
-        stages = math.ceil(epochs_per_modality / self.epochs_per_stage)
-        return stages * self.epochs_per_stage * len(self.cycle)
+        cycles = math.ceil(epochs_per_modality / min(self.lengths))   # every modality gets ≥ the budget
+        return cycles * sum(self.lengths)
 
     # ---- the cycle ----------------------------------------------------------------------
     def stage(self, epoch):
         """(j, k, last): the modality trained in loop epoch ``epoch`` (stage mode), the one trained
         before it in the cycle (whose T^(k) shapes j's gradients), and whether the stage ends here."""
-        index = epoch // self.epochs_per_stage
-        m = len(self.cycle)
-        j, k = self.cycle[index % m], self.cycle[(index - 1) % m]
-        return j, k, (epoch + 1) % self.epochs_per_stage == 0
+        j, k, within = self._position(epoch)
+        return j, k, within + 1 == self.lengths[self.cycle.index(j)]
+
+    def _position(self, epoch):
+        """(j, k, epochs of j's current stage before this one)."""
+        r = epoch % sum(self.lengths)
+        for i, n in enumerate(self.lengths):
+            if r < n:
+                return self.cycle[i], self.cycle[i - 1], r
+            r -= n
+
+    def schedule_epoch(self, epoch):
+        """The epoch within the current stage: each stage starts its learning-rate schedule afresh."""
+        return epoch if self.alternation == "iteration" else self._position(epoch)[2]
 
     def start_epoch(self, epoch):
         self._epoch, self._changes = epoch, []

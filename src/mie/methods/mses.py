@@ -101,7 +101,7 @@ class MSES(Method):
 
     def _apply(self):
         for m, g in self.groups.items():
-            g["lr"] = 0.0 if self.stopped[m] else self.base_lr[m]
+            g["lr"] = 0.0 if self.stopped[m] else self.base_lr[m] * g.get("lr_factor", 1.0)   # × the loop's schedule
 
     # ---- training ---------------------------------------------------------------------
     def train_step(self, xs, y):

@@ -114,7 +114,7 @@ class MSLR(Method):
 
     def _apply(self):
         for m, g in self.groups.items():
-            g["lr"] = self.base_lr[m] * self.scales[m]
+            g["lr"] = self.base_lr[m] * self.scales[m] * g.get("lr_factor", 1.0)   # × the loop's schedule
 
     # ---- training ---------------------------------------------------------------------
     def fused_logits(self, logits):

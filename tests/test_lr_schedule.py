@@ -1,0 +1,81 @@
+"""The step learning-rate schedule (train.lr_step, train.lr_gamma) and MIE's per-modality stages."""
+import csv
+
+import pytest
+import torch
+
+import mie
+from conftest import make_arrays
+from mie.methods import create_method
+from mie.train import apply_lr_factor
+
+CONFIG = {"train": {"epochs": 4, "batch_size": 32, "lr_step": 2, "lr_gamma": 0.5},
+          "model": {"dim": 16, "head_hidden": [16, 8]}}
+
+
+def _history(path):
+    return list(csv.DictReader((path / "history.csv").open()))
+
+
+def test_factor_keeps_what_a_method_set():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 0.1}, {"params": [], "lr": 0.0}])
+    apply_lr_factor([opt], 0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.0])
+    opt.param_groups[0]["lr"] = 0.3 * opt.param_groups[0]["lr_factor"]      # a method's own rate, scheduled
+    apply_lr_factor([opt], 0.25)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.3 * 0.25)
+
+
+def test_joint_steps_down_every_lr_step_epochs(tmp_path):
+    x, y = make_arrays(n=60)
+    mie.fit(mie.MultimodalArrays(x, y), "joint", config=CONFIG, out_dir=tmp_path, progress=False)
+    assert [float(r["lr_factor"]) for r in _history(tmp_path)] == [1.0, 1.0, 0.5, 0.5]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["method"]["optimizer"]
+    assert state["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)
+
+
+def test_mie_stages_of_their_own_lengths_restart_the_schedule(tmp_path):
+    x, y = make_arrays(n=60)
+    mie.fit(mie.MultimodalArrays(x, y), "mie", config=CONFIG, out_dir=tmp_path, progress=False,
+            epochs_per_stage={"a": 1, "b": 3}, order=["b", "a"])
+    rows = _history(tmp_path)
+    # every modality gets at least 4 epochs: ⌈4 / 1⌉ = 4 cycles of b b b a
+    assert [r["active"] for r in rows] == ["b", "b", "b", "a"] * 4
+    assert [float(r["lr_factor"]) for r in rows[:4]] == [1.0, 1.0, 0.5, 1.0]   # epoch within the stage
+
+
+def test_stage_lengths_must_name_every_modality():
+    method = create_method("mie", epochs_per_stage={"a": 2})
+    model = method.build_model(mie.models.ModelSpec(["a", "b"], {"a": (3,), "b": (3,)}, {"a": "mlp", "b": "mlp"}, 2))
+    with pytest.raises(mie.MieInputError, match="one length for each modality"):
+        method.setup(model, type("Ctx", (), {"make_optimizer": lambda self, p: torch.optim.SGD(p, lr=0.1)})())
+    with pytest.raises(mie.MieInputError, match="epochs_per_stage must be an integer >= 1 or a mapping"):
+        create_method("mie", epochs_per_stage={"a": 0})
+
+
+def test_resume_keeps_the_schedule(tmp_path):
+    x, y = make_arrays(n=60)
+    data = mie.MultimodalArrays(x, y)
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch, row):
+        if epoch == 2:
+            raise Crash
+    whole = mie.fit(data, "mslr", config=CONFIG, out_dir=tmp_path / "whole", progress=False)
+    with pytest.raises(Crash):
+        mie.fit(data, "mslr", config=CONFIG, out_dir=tmp_path / "cut", progress=False, callbacks=[crash])
+    resumed = mie.fit(data, "mslr", config=CONFIG, out_dir=tmp_path / "cut", progress=False, resume=True)
+    assert resumed["test"] == whole["test"]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(_history(tmp_path / "whole")) == drop(_history(tmp_path / "cut"))
+    assert [float(r["mslr_lr_a"]) for r in _history(tmp_path / "whole")][2] < 1e-3   # MSLR's rate × schedule
+
+
+def test_bad_schedule_is_refused():
+    with pytest.raises(mie.MieInputError, match="train.lr_step must be a positive integer"):
+        mie.config.build_config(None, ["train.lr_step=0"])
+    with pytest.raises(mie.MieInputError, match="lr_gamma must be in"):
+        mie.config.build_config(None, ["train.lr_gamma=1.5"])
