@@ -1,4 +1,6 @@
 """CREMA-D preparation on a tiny raw copy in the release's layout (wav + flv made here)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,8 @@ from mie.data.synthetic.cremad import write_cremad, write_flv
 from mie.errors import MieInputError
 
 av = pytest.importorskip("av")
+
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 CLIPS = ["1001_DFA_ANG_XX", "1002_IEO_HAP_HI", "1003_TIE_NEU_XX"]
 
@@ -90,11 +94,14 @@ def test_prepare_then_train(tmp_path, capsys, method):
     assert main(["prepare", "cremad", "--root", str(root), "--out", str(prepared), "--workers", "2",
                  "size=16"]) == 0
     out = tmp_path / method
-    code = main(["train", "--dataset", "cremad", "--root", str(prepared), "--method", method, "--out", str(out),
-                 "--epochs", "1", "model.dim=16", "model.head_hidden=[8]", "train.batch_size=4"])
+    stages = ["method.epochs_per_stage={audio: 1, video: 1}"] if method == "mie" else []
+    code = main(["train", "--config", str(CONFIGS / "cremad.yaml"), "--root", str(prepared), "--method", method,
+                 "--out", str(out), "--epochs", "1", "model.dim=16", "model.head_hidden=[8]", "train.batch_size=4",
+                 "train.num_workers=2", "data.options.frames=3", *stages])
     assert code == 0, capsys.readouterr().err
     spec = torch.load(out / "checkpoints" / "best.pt", weights_only=False)["spec"]
     assert spec["input_shapes"] == {"audio": (1, 257, 188), "video": (3, 3, 16, 16)} and spec["num_classes"] == 6
+    assert spec["encoders"] == {"audio": "resnet18", "video": "resnet18"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]["per_modality"]) == {"audio", "video"}
     assert sum(metrics["split"]["sizes"].values()) == 20
