@@ -391,3 +391,34 @@ def test_iteration_alternation_recomputes_every_T():
     for m in MODS:
         for p, o, e in zip(model.modality_parameters(m), old[m], expected[m]):
             torch.testing.assert_close(p.detach() - o, e, rtol=1e-5, atol=1e-10)
+
+
+def test_released_objective_matches_hand_computation():
+    """mie_released: (1 − w)·[λ CE(o, y) + (1 − λ) CE(o, y[π])] + w·CE(o, y) on the mixed input."""
+    model = _model()
+    method = create_method("mie_released", mixup_alpha=0.7, flat_weight=0.3)
+    method.model = model
+    (xs, y), = _batches(n=1)
+    torch.manual_seed(5)
+    loss = method._objective(xs["a"], y)("a")
+    torch.manual_seed(5)
+    lam = torch.distributions.Beta(0.7, 0.7).sample().item()
+    perm = torch.randperm(len(y))
+    o = model.forward_modality("a", lam * xs["a"] + (1 - lam) * xs["a"][perm])
+    ce = lambda target: -torch.log_softmax(o, dim=1)[torch.arange(len(y)), target].mean()
+    expected = 0.7 * (lam * ce(y) + (1 - lam) * ce(y[perm])) + 0.3 * ce(y)
+    assert 0 < lam < 1 and torch.allclose(loss, expected)
+    assert create_method("mie").objective == "paper"          # the paper's objective is the default
+    with pytest.raises(MieInputError, match="unknown config key 'method.mixup_alpha' for method 'mie'"):
+        from mie.config import build_config
+        build_config(None, ["method.mixup_alpha=0.5"])
+
+
+def test_released_objective_leaves_token_ids_unmixed():
+    method = create_method("mie_released")
+    seen = []
+    method.model = type("M", (), {"forward_modality": lambda self, j, x: seen.append(x) or torch.zeros(len(x), 2,
+                                                                                                  requires_grad=True)})()
+    ids = torch.randint(0, 100, (4, 2, 6))
+    method._objective(ids, torch.tensor([0, 1, 0, 1]))("text")
+    assert torch.equal(seen[0], ids)

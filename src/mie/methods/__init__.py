@@ -26,6 +26,8 @@ METHODS = {
     "mie": (MIE, {}, "MIE: alternating unimodal stages + SAM + flat gradient modification"),
     "mie_sam_only": (MIE, {"gm": False}, "MIE ablation: alternating stages + SAM, no GM"),
     "mie_gm_only": (MIE, {"sam": False}, "MIE ablation: alternating stages + GM, no SAM"),
+    "mie_released": (MIE, {"objective": "released"}, "MIE trained on the released code's objective: mixup CE + "
+                                                      "clean-label CE (SPEC §1 opt-in; not the paper's)"),
     "alternating": (MIE, {"sam": False, "gm": False}, "plain alternating unimodal training (no SAM, no GM)"),
     "ogm_ge": (OGMGE, {}, "OGM-GE: dominant encoder's gradients × (1−tanh(α·relu(ρ−1))) + Gaussian noise"),
     "ogm": (OGMGE, {"ge": "off"}, "OGM: gradient modulation without the GE noise"),

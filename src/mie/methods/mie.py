@@ -19,6 +19,19 @@ A stage lasts ``epochs_per_stage`` epochs, one number for all modalities or one 
 has had at least ``train.epochs`` epochs. With ``train.lr_step`` each stage restarts the step
 schedule, as the authors' code does by building a new scheduler per stage.
 
+``objective="released"`` (the named variant ``mie_released``) trains each stage on the objective
+of the authors' released code (IJCAI25-IGM ``train_*.py``) instead of the paper's cross-entropy,
+still with this file's SAM and GM: with λ ~ Beta(α, α) and a permutation π of the batch,
+
+    x̃ = λ x + (1 − λ) x[π]                   (floating-point inputs; token ids are not mixed)
+    o = h_j(φ_j(x̃))
+    L = (1 − w) · [λ CE(o, y) + (1 − λ) CE(o, y[π])] + w · CE(o, y)
+
+α = ``mixup_alpha`` (code: 1.0; 0.9 for Twitter), w = ``flat_weight`` (code: ``flat_ratio`` 0.3).
+In the code the second term's head sees SAM-perturbed weights that are never restored; here both
+terms are evaluated in both SAM passes and the weights are restored, as SAM defines. The code's
+other departures (ρ = 1e-10, checkpoints chosen on test) are not reproduced.
+
 ``sam`` and ``gm`` switch the two ingredients off, so the paper's ablation (neither / SAM only /
 GM only / both) is four runs of this method. ``alternation="iteration"`` trains every modality in
 turn on each mini-batch (as MLA does) and recomputes every T after each epoch.
@@ -35,14 +48,21 @@ from ..optim import (SAM, InputCovariance, flat_modification_matrix, frozen_batc
 from .base import Method, require_two_modalities
 
 ALTERNATIONS = ("stage", "iteration")
+OBJECTIVES = ("paper", "released")
 
 
 class MIE(Method):
     name = "mie"
 
     def __init__(self, tau=0.4, rho=0.05, sam=True, gm=True, adaptive=False, alternation="stage",
-                 epochs_per_stage=1, order=None, fusion="average"):
+                 epochs_per_stage=1, order=None, fusion="average", objective="paper", mixup_alpha=1.0,
+                 flat_weight=0.3):
         super().__init__(fusion=fusion)
+        if objective not in OBJECTIVES:
+            raise MieInputError(f"unknown objective '{objective}'; expected one of {OBJECTIVES}")
+        if not mixup_alpha > 0 or not 0 <= flat_weight <= 1:
+            raise MieInputError(f"mixup_alpha must be > 0 and flat_weight in [0, 1]; got {mixup_alpha}, {flat_weight}")
+        self.objective, self.mixup_alpha, self.flat_weight = objective, float(mixup_alpha), float(flat_weight)
         if alternation not in ALTERNATIONS:
             raise MieInputError(f"unknown alternation '{alternation}'; expected one of {ALTERNATIONS}")
         if not tau > 0:
@@ -60,7 +80,8 @@ class MIE(Method):
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive"} if fixed.get("sam") is False else set()) | \
-               ({"tau"} if fixed.get("gm") is False else set())
+               ({"tau"} if fixed.get("gm") is False else set()) | \
+               ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else set())
 
     # ---- set-up -----------------------------------------------------------------------
     def setup(self, model, ctx):
@@ -124,13 +145,14 @@ class MIE(Method):
     def _step(self, j, k, x, y):
         """One update of θ_j on (x, y) with SAM and GM from T^(k); returns the pass-1 loss."""
         opt = self.optimizers[j]
-        loss = F.cross_entropy(self.model.forward_modality(j, x), y)
+        objective = self._objective(x, y)
+        loss = objective(j)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.sam:
             opt.first_step(zero_grad=True)
             with frozen_batchnorm_stats(self.model):
-                F.cross_entropy(self.model.forward_modality(j, x), y).backward()
+                objective(j).backward()
         if self.gm:
             T = self._on_device(k)
             self._changes.append([modify_linear_gradient(l, t) for l, t in zip(self.model.heads[j].linears, T)])
@@ -140,6 +162,21 @@ class MIE(Method):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _objective(self, x, y):
+        """j → the loss of θ_j on this mini-batch; the same mixup draw serves both SAM passes."""
+        if self.objective == "paper":
+            return lambda j: F.cross_entropy(self.model.forward_modality(j, x), y)
+        lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+        perm = torch.randperm(len(y)).to(y.device)
+        mixed = lam * x + (1 - lam) * x[perm] if x.is_floating_point() else x
+        w = self.flat_weight
+
+        def loss(j):
+            o = self.model.forward_modality(j, mixed)
+            mix = lam * F.cross_entropy(o, y) + (1 - lam) * F.cross_entropy(o, y[perm])
+            return (1 - w) * mix + w * F.cross_entropy(o, y)
+        return loss
 
     def _on_device(self, m):
         if m not in self._T_device:
