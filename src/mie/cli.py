@@ -197,17 +197,17 @@ def cmd_methods(args):
 def cmd_datasets(args):
     from .data import DATASETS
     for name, (_, default, description) in DATASETS.items():
-        print(f"{name:<14} {description}; default modalities {','.join(default)}")
+        print(f"{name:<16} {description}; default modalities {','.join(default)}")
     from .data import DISK_DATASETS
     from .data.disk import options_of
     for name, bench in DISK_DATASETS.items():
         listing = lambda fn: ", ".join(f"{k}={v!r}" for k, v in options_of(fn).items()) or "(none)"
-        print(f"{name:<14} {bench.description}; modalities {','.join(bench.modalities)}\n"
-              f"{'':<14} read from disk: `mie prepare {name} --root RAW --out DIR [option=value ...]`, "
+        print(f"{name:<16} {bench.description}; modalities {','.join(bench.modalities)}\n"
+              f"{'':<16} read from disk: `mie prepare {name} --root RAW --out DIR [option=value ...]`, "
               f"then --dataset {name} --root DIR\n"
-              f"{'':<14} prepare options: {listing(bench.prepare)}\n"
-              f"{'':<14} data.options: {listing(bench.datasets)}")
-    print(f"{'(your own)':<14} --data FILE.npz with x_<modality> (N, ...), y (N,), optional split (N,) "
+              f"{'':<16} prepare options: {listing(bench.prepare)}\n"
+              f"{'':<16} data.options: {listing(bench.datasets)}")
+    print(f"{'(your own)':<16} --data FILE.npz with x_<modality> (N, ...), y (N,), optional split (N,) "
           "0/1/2 = train/val/test")
 
 
