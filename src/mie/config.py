@@ -38,6 +38,7 @@ DEFAULTS = {
         "optimizer": "adam",    # adam | adamw | sgd
         "lr": 1.0e-3,
         "momentum": 0.9,        # sgd only
+        "betas": [0.9, 0.999],  # adam / adamw only
         "lr_step": None,        # step schedule: lr · lr_gamma^(⌊e / lr_step⌋), e = the method's schedule
         "lr_gamma": 0.1,        # epoch (the loop epoch; for MIE's stages the epoch within the stage)
         "weight_decay": 1.0e-4,
@@ -183,6 +184,9 @@ def validate(cfg):
     if train["threads"] is not None and (isinstance(train["threads"], bool) or not isinstance(train["threads"], int)
                                          or train["threads"] < 1):
         raise MieInputError(f"train.threads must be a positive integer or null, got {train['threads']!r}")
+    if (not isinstance(train["betas"], list) or len(train["betas"]) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in train["betas"])):
+        raise MieInputError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {train['betas']!r}")
     if train["lr_step"] is not None and (isinstance(train["lr_step"], bool) or not isinstance(train["lr_step"], int)
                                          or train["lr_step"] < 1):
         raise MieInputError(f"train.lr_step must be a positive integer or null, got {train['lr_step']!r}")

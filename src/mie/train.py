@@ -6,6 +6,7 @@
                     keep the best checkpoint by validation; write history.csv and last.pt
     test is evaluated once, at the end, with the checkpoint validation chose.
 """
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def optimizer_factory(train):
             return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"],
                                    weight_decay=train["weight_decay"])
         cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
-        return cls(params, lr=train["lr"], weight_decay=train["weight_decay"])
+        return cls(params, lr=train["lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"])
     return make
 
 
@@ -158,8 +159,11 @@ def disk_datasets(cfg):
         raise MieInputError(f"dataset '{d['dataset']}' is read from disk: pass --root DIR "
                             "(the folder `mie prepare` wrote)")
     bench = DISK_DATASETS[d["dataset"]]
+    generic = {"carve_val": d["carve_val"]}
+    if "modalities" in inspect.signature(bench.datasets).parameters:
+        generic["modalities"] = d["modalities"]
     return call_with_options(bench.datasets, f"dataset '{bench.name}'", d["options"], d["root"],
-                             cfg["train"]["seed"], carve_val=d["carve_val"])
+                             cfg["train"]["seed"], **generic)
 
 
 def prepare(cfg, data=None):

@@ -5,9 +5,13 @@ from .arrays import TEST, TRAIN, VAL, MultimodalArrays, load_npz
 from .basicmotions import load_basicmotions
 from .cremad import BENCHMARK as CREMAD
 from .disk import DiskBenchmark, call_with_options
+from .kinetics_sounds import BENCHMARK as KINETICS_SOUNDS
 from .mfeat import load_mfeat
+from .nvgesture import BENCHMARK as NVGESTURE
+from .sarcasm import BENCHMARK as SARCASM
 from .splits import resolve_split, stratified_split
 from .torch_dataset import ArrayDataset
+from .twitter2015 import BENCHMARK as TWITTER2015
 
 # name → (loader, default modalities, one-line description)
 DATASETS = {
@@ -18,7 +22,7 @@ DATASETS = {
 }
 
 # Benchmarks read from a user's disk: name → DiskBenchmark (prepare + datasets).
-DISK_DATASETS = {b.name: b for b in (CREMAD,)}
+DISK_DATASETS = {b.name: b for b in (CREMAD, KINETICS_SOUNDS, TWITTER2015, SARCASM, NVGESTURE)}
 
 
 def disk_benchmark(name):

@@ -5,7 +5,8 @@ Each benchmark module offers two functions:
 
     prepare(root, out, *, workers, skip_bad, progress, **options) → PrepareSummary
     datasets(prepared, seed, *, carve_val, **options) → {"train", "val", "test"} Datasets
-        yielding ({modality: tensor}, label)
+        yielding ({modality: tensor}, label); a ``datasets`` that takes ``modalities`` is told the
+        run's ``data.modalities`` (None: all), so it need not read the others
 
 ``options`` are the benchmark's own keyword arguments: ``key=value`` words on the ``mie prepare``
 line, and ``data.options`` in a config for training.
@@ -25,7 +26,7 @@ class DiskBenchmark:
     datasets: callable
 
 
-GENERIC = {"root", "out", "prepared", "seed", "workers", "skip_bad", "progress", "carve_val"}
+GENERIC = {"root", "out", "prepared", "seed", "workers", "skip_bad", "progress", "carve_val", "modalities"}
 
 
 def options_of(fn):

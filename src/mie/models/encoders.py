@@ -8,9 +8,12 @@ With ``model.pretrained: true`` (``--pretrained``) every encoder must be pretrai
 other: a missing weights file is an error, never a silent random initialisation.
 """
 from ..errors import MieInputError
+from .clip import clip_image, clip_text
 from .cnn1d import CNN1DEncoder
+from .i3d import i3d
 from .mlp import MLPEncoder
 from .resnet import resnet18, resnet50, resnet_small
+from .text import bert, minilm
 from .weights import load_weights
 
 ENCODERS = {
@@ -19,10 +22,15 @@ ENCODERS = {
     "resnet_small": lambda shape, dim, **kw: resnet_small(shape[0], dim, **kw),
     "resnet18": lambda shape, dim, **kw: resnet18(shape[0], dim, **kw),
     "resnet50": lambda shape, dim, **kw: resnet50(shape[0], dim, **kw),
+    "minilm": lambda shape, dim, **kw: minilm(shape, dim, **kw),
+    "bert": lambda shape, dim, **kw: bert(shape, dim, **kw),
+    "clip_text": lambda shape, dim, **kw: clip_text(shape, dim, **kw),
+    "clip_image": lambda shape, dim, **kw: clip_image(shape, dim, **kw),
+    "i3d": lambda shape, dim, **kw: i3d(shape[0], dim, **kw),
 }
 
 # Encoders whose construction loads pretrained weights (they take no ``weights`` option).
-SELF_PRETRAINED = set()
+SELF_PRETRAINED = {"minilm", "bert", "clip_text", "clip_image"}
 
 # Encoder picked from the rank of one sample: vector, sequence (C, L), image (C, H, W), clip (C, T, H, W).
 DEFAULT_BY_RANK = {1: "mlp", 2: "cnn1d", 3: "resnet_small", 4: "resnet_small"}
