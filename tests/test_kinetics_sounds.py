@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from mie.data.kinetics_sounds import (clip_fbank, kinetics_sounds_datasets, parse_line, prepare_kinetics_sounds,
-                                      read_audio_track, read_list)
+from mie.data.audio import read_audio_track
+from mie.data.kinetics_sounds import clip_fbank, kinetics_sounds_datasets, parse_line, prepare_kinetics_sounds, read_list
 from mie.data.synthetic.kinetics_sounds import write_kinetics_sounds, write_mp4
 from mie.errors import MieInputError
 
@@ -56,13 +56,13 @@ def test_list_errors_name_the_line(tmp_path):
 
 def test_audio_track_is_16khz_mono(tmp_path):
     write_mp4(tmp_path / "c.mp4", seconds=1.0, tone=1000.0, rate=44_100)
-    x = read_audio_track(tmp_path / "c.mp4")
+    x = read_audio_track(tmp_path / "c.mp4", 16_000)
     assert x.dtype == np.float32 and abs(len(x) - 16_000) < 2_048            # AAC adds up to a frame of padding
     spectrum = np.abs(np.fft.rfft(x[2_000:14_000]))
     assert abs(np.argmax(spectrum) * 16_000 / 12_000 - 1000.0) < 3            # the tone survives resampling
     write_mp4(tmp_path / "silent.mp4", seconds=1.0, audio=False)
     with pytest.raises(MieInputError, match="no audio track"):
-        read_audio_track(tmp_path / "silent.mp4")
+        read_audio_track(tmp_path / "silent.mp4", 16_000)
 
 
 def test_fbank_is_padded_or_cut_to_1024_frames():

@@ -7,6 +7,8 @@ CREMA-D (as OGM-GE, Peng et al. CVPR'22, prepares it): the waveform at 22,050 Hz
                                  frames centred with zero padding of n_fft/2 on both sides
 
 which is 257 frequency bins × 188 frames (librosa.stft's defaults with those sizes).
+
+``read_audio_track`` decodes the sound of a video file (Kinetics-Sounds) with FFmpeg through PyAV.
 """
 import math
 from pathlib import Path
@@ -68,3 +70,28 @@ def cremad_spectrogram(samples, rate):
     """The CREMA-D audio input: (257, 188) float32 from a mono waveform at any sample rate."""
     x = tile_and_clip(resample(samples, rate, CREMAD_RATE), CREMAD_RATE * CREMAD_SECONDS)
     return log_spectrogram(x)
+
+
+def read_audio_track(path, rate):
+    """The first audio track of a media file, decoded and resampled by FFmpeg (libswresample) to
+    16-bit mono at ``rate`` Hz → (N,) float32 in [−1, 1)."""
+    try:
+        import av
+    except ImportError:
+        raise MieInputError("reading the audio of a video needs PyAV: pip install 'mie[video]'") from None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MieInputError(f"{path} has no audio track")
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+            chunks = []
+            for frame in container.decode(container.streams.audio[0]):
+                chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    except MieInputError:
+        raise
+    except Exception as e:
+        raise MieInputError(f"cannot decode the audio of {path} ({type(e).__name__}: {e})") from None
+    if not chunks or sum(len(c) for c in chunks) == 0:
+        raise MieInputError(f"{path} holds no audio samples")
+    return np.concatenate(chunks).astype(np.float32) / 32768.0

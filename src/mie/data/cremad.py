@@ -31,7 +31,7 @@ from .audio import cremad_spectrogram, read_wav
 from .disk import DiskBenchmark
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import stratified_split
-from .video import read_frames
+from .video import read_frames, spaced_frames
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 
@@ -126,8 +126,6 @@ class CremadDataset(Dataset):
 
     num_classes = len(EMOTIONS)
     classes = list(EMOTIONS)
-    MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None, None]
-    STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None, None]
 
     def __init__(self, prepared, clips, frames=3):
         self.prepared, self.clips, self.frames = Path(prepared), [parse_clip(c) for c in clips], frames
@@ -138,9 +136,7 @@ class CremadDataset(Dataset):
     def __getitem__(self, i):
         clip = self.clips[i]
         audio = np.load(self.prepared / "audio" / f"{clip.name}.npy")[None]
-        video = np.load(self.prepared / "video" / f"{clip.name}.npy")          # (T, 3, H, W)
-        pick = np.linspace(0, len(video) - 1, self.frames).round().astype(int)
-        video = (video[pick].transpose(1, 0, 2, 3).astype(np.float32) / 255.0 - self.MEAN) / self.STD
+        video = spaced_frames(np.load(self.prepared / "video" / f"{clip.name}.npy"), self.frames)
         return {"audio": torch.from_numpy(audio), "video": torch.from_numpy(video)}, clip.label
 
 

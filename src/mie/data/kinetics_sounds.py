@@ -55,12 +55,12 @@ from tqdm.auto import tqdm
 
 from ..errors import MieInputError
 from ..io import write_json
-from .audio import read_wav, resample
+from .audio import read_audio_track, read_wav, resample
 from .disk import DiskBenchmark
 from .fbank import kaldi_fbank
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import stratified_split
-from .video import read_frames
+from .video import read_frames, spaced_frames
 
 RATE = 16_000
 FBANK = {"sample_rate": RATE, "num_mel_bins": 128, "frame_length": 25.0, "frame_shift": 10.0,
@@ -70,8 +70,6 @@ NUM_FRAMES = 1024
 SPLITS = ("train", "val", "test")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 ID_SUFFIXES = VIDEO_SUFFIXES + (".wav", ".npy")
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None, None]
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None, None]
 
 
 def parse_line(line):
@@ -136,31 +134,6 @@ def class_list(labels):
     return sorted(labels)
 
 
-def read_audio_track(path, rate=RATE):
-    """The first audio track of a media file, decoded and resampled by FFmpeg (libswresample) to
-    16-bit mono at ``rate`` Hz → (N,) float32 in [−1, 1)."""
-    try:
-        import av
-    except ImportError:
-        raise MieInputError("reading Kinetics-Sounds audio needs PyAV: pip install 'mie[video]'") from None
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise MieInputError(f"{path} has no audio track")
-            resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-            chunks = []
-            for frame in container.decode(container.streams.audio[0]):
-                chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
-    except MieInputError:
-        raise
-    except Exception as e:
-        raise MieInputError(f"cannot decode the audio of {path} ({type(e).__name__}: {e})") from None
-    if not chunks or sum(len(c) for c in chunks) == 0:
-        raise MieInputError(f"{path} holds no audio samples")
-    return np.concatenate(chunks).astype(np.float32) / 32768.0
-
-
 def clip_fbank(samples, num_frames=NUM_FRAMES):
     """The Kinetics-Sounds audio input: mono 16 kHz (N,) → (num_frames, 128) float32 log-mel."""
     samples = np.asarray(samples, np.float32)
@@ -184,7 +157,7 @@ def _prepare_one(job):
                 samples, rate = read_wav(wav_path)
                 samples = resample(samples, rate, RATE)
             else:
-                samples = read_audio_track(video_path)
+                samples = read_audio_track(video_path, RATE)
             save_npy(targets["audio"], clip_fbank(samples))
         if not targets["video"].exists():
             save_npy(targets["video"], read_frames(video_path, size))
@@ -258,9 +231,7 @@ class KineticsSoundsDataset(Dataset):
     def __getitem__(self, i):
         clip, label = self.clips[i]
         audio = (np.load(self.prepared / "audio" / f"{clip}.npy")[None] - self.mean) / self.std
-        video = np.load(self.prepared / "video" / f"{clip}.npy")                 # (T, 3, H, W)
-        pick = np.linspace(0, len(video) - 1, self.frames).round().astype(int)
-        video = (video[pick].transpose(1, 0, 2, 3).astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        video = spaced_frames(np.load(self.prepared / "video" / f"{clip}.npy"), self.frames)
         return {"audio": torch.from_numpy(audio), "video": torch.from_numpy(video)}, label
 
 

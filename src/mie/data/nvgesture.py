@@ -54,6 +54,7 @@ from ..io import write_text
 from .disk import DiskBenchmark
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import stratified_split
+from .video import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = tuple(f"class_{i:02d}" for i in range(1, 26))
 MODALITIES = ("rgb", "depth", "flow")
@@ -277,8 +278,6 @@ class NVGestureDataset(Dataset):
 
     num_classes = len(CLASSES)
     classes = list(CLASSES)
-    MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None, None]
-    STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None, None]
 
     def __init__(self, prepared, keys, labels, modalities, frames, crop, train):
         self.prepared, self.keys, self.labels = Path(prepared), list(keys), list(labels)
@@ -305,7 +304,7 @@ class NVGestureDataset(Dataset):
                 clip = np.concatenate([clip, np.zeros((self.frames - len(clip), *clip.shape[1:]), np.float32)])
             clip = clip.transpose(1, 0, 2, 3)                                    # (C, F, crop, crop)
             if m == "rgb":
-                clip = (clip / 255.0 - self.MEAN) / self.STD
+                clip = (clip / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
             elif m == "depth":
                 clip = clip / 255.0
             sample[m] = torch.from_numpy(np.ascontiguousarray(clip))
