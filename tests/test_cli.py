@@ -149,3 +149,10 @@ def test_real_entry_point_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip() == f"mie: error: no such file: {tmp_path / 'x.npz'}"
     proc = subprocess.run([sys.executable, "-m", "mie.cli", "train", "--bogus"], capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_diverged_training_is_one_line(tmp_path, npz_file, capsys):
+    code = main(["train", "--data", str(npz_file), "--method", "joint", "--out", str(tmp_path / "r"), "--epochs", "2",
+                 "train.optimizer=sgd", "train.lr=1e30", "model.dim=8", "model.head_hidden=[8]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training diverged" in err and err.count("\n") == 1

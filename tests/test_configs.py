@@ -55,3 +55,10 @@ def test_adam_betas_reach_the_optimizer():
     assert opt.param_groups[0]["betas"] == (0.9, 0.99)
     with pytest.raises(MieInputError, match="train.betas must be two numbers"):
         build_config(None, ["train.betas=[0.9]"])
+
+
+def test_exponent_without_a_dot_is_a_number():
+    assert build_config(None, ["train.lr=1e-3"])["train"]["lr"] == 1e-3          # YAML 1.1 reads it as text
+    assert build_config(None, ["method.rho=5e-2"])["method"]["rho"] == 0.05
+    with pytest.raises(MieInputError, match="train.lr must be a number, got 'fast'"):
+        build_config(None, ["train.lr=fast"])

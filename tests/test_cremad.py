@@ -164,3 +164,14 @@ def test_unknown_options_are_one_line_errors(tmp_path, capsys):
     assert "has no option colour; its options are: size=224" in capsys.readouterr().err
     assert main(["train", "--dataset", "mfeat", "--out", str(tmp_path / "o"), "data.options.split=standard"]) == 2
     assert "benchmarks on disk only" in capsys.readouterr().err
+
+
+def test_compare_reads_the_benchmark_from_disk(tmp_path, capsys):
+    from mie.cli import main
+    clips = [f"{1001 + a}_DFA_{e}_XX" for a in range(8) for e in ("ANG", "NEU")]
+    prepared = tmp_path / "prepared"
+    prepare_cremad(make_raw(tmp_path / "raw", clips), prepared, workers=1, size=16, progress=False)
+    assert main(["compare", "--config", str(CONFIGS / "cremad.yaml"), "--root", str(prepared), "--methods", "joint",
+                 "--seeds", "0", "--out", str(tmp_path / "cmp"), "--epochs", "1", "model.dim=8",
+                 "model.head_hidden=[8]", "train.batch_size=4", "train.num_workers=0", "train.lr=0.001"]) == 0
+    assert "| joint |" in (tmp_path / "cmp" / "results.md").read_text()

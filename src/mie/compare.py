@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import config as config_mod
+from .data import DISK_DATASETS
 from .data.prepare import load_arrays
 from .errors import MieInputError
 from .io import csv_text, write_text
@@ -43,7 +44,7 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
     unused = [k for k in overrides if not any(k in method_params(n) for n in methods)]
     if unused:
         raise MieInputError(f"no compared method has parameter(s) {', '.join(unused)}")
-    arrays = load_arrays(cfg)
+    arrays = None if cfg["data"]["dataset"] in DISK_DATASETS else load_arrays(cfg)   # disk: read per run
     out = Path(out_dir)
     rows = []
     for name in methods:

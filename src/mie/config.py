@@ -4,6 +4,7 @@ A config has four sections: ``data``, ``model``, ``train`` and ``method``. The m
 ``name`` and that method's hyper-parameters (``mie methods`` lists them).
 """
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -53,6 +54,7 @@ DEFAULTS = {
 }
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 SELECT_ON = ("accuracy", "macro_f1", "map")
 
 
@@ -134,6 +136,8 @@ def _check_type(where, value, default):
         if isinstance(value, bool) or not isinstance(value, int):
             raise MieInputError(f"{where} must be an integer, got {value!r}")
     elif isinstance(default, float):
+        if isinstance(value, str) and FLOAT.fullmatch(value.strip()):
+            value = float(value)    # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MieInputError(f"{where} must be a number, got {value!r}")
         value = float(value)

@@ -113,6 +113,10 @@ def predict_all(method, data_loader, device, modalities):
 def evaluate(method, data_loader, device, modalities):
     """The metrics dict (accuracy, macro_f1, map, per_modality) of ``method`` on a loader."""
     fused, per, y = predict_all(method, data_loader, device, modalities)
+    broken = [m for m, p in per.items() if not np.isfinite(p).all()] or ([] if np.isfinite(fused).all() else ["fused"])
+    if broken:
+        raise MieInputError(f"{method.name} predicts NaN/inf for {', '.join(broken)}: training diverged "
+                            f"(a lower train.lr, or inputs of a sensible scale, usually help)")
     return classification_metrics(fused, per, y)
 
 
