@@ -143,12 +143,14 @@ def cmd_compare(args):
             method_overrides[parts[1]] = value
         else:
             rest.append(text)
-    if args.config:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.config:   # the file's method settings go to the compared methods that have them
+        from .methods import method_params
         yaml_method = config_mod.read_yaml(args.config).get("method") or {}
-        method_overrides = {**{k: v for k, v in yaml_method.items() if k != "name"}, **method_overrides}
+        used = {k: v for k, v in yaml_method.items() if k != "name" and any(k in method_params(n) for n in methods)}
+        method_overrides = {**used, **method_overrides}
     args.overrides = rest
     cfg = _config(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     compare(cfg, methods, _ints(args.seeds, "--seeds"), args.out, method_overrides,
             command=shlex.join(["mie", *args.argv]))
     print((Path(args.out) / "results.md").read_text())
