@@ -91,7 +91,7 @@ def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0):
     sample (BatchNorm cannot train on it) and nothing else."""
     drop_last = shuffle and len(dataset) % batch_size == 1
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, drop_last=drop_last)
+                      num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
 
 @torch.no_grad()
