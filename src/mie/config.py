@@ -45,6 +45,7 @@ DEFAULTS = {
         "weight_decay": 1.0e-4,
         "seed": 0,
         "device": "auto",       # auto | cpu | cuda | cuda:N
+        "amp": "off",           # off | bf16: forward passes in bfloat16 autocast (weights stay float32)
         "num_workers": 0,
         "threads": None,        # CPU threads for torch (None: torch's default); 1 is fastest for small
                                 # models and on a machine shared with other jobs
@@ -56,6 +57,7 @@ DEFAULTS = {
 OPTIMIZERS = ("adam", "adamw", "sgd")
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 SELECT_ON = ("accuracy", "macro_f1", "map")
+AMP = ("off", "bf16")
 
 
 def default_config():
@@ -180,6 +182,8 @@ def validate(cfg):
             raise MieInputError("data.modalities must be a list of modality names, e.g. [pix, zer]")
     if train["optimizer"] not in OPTIMIZERS:
         raise MieInputError(f"train.optimizer '{train['optimizer']}' is not one of: {', '.join(OPTIMIZERS)}")
+    if train["amp"] not in AMP:
+        raise MieInputError(f"train.amp '{train['amp']}' is not one of: {', '.join(AMP)}")
     if train["select_on"] not in SELECT_ON:
         raise MieInputError(f"train.select_on '{train['select_on']}' is not one of: {', '.join(SELECT_ON)}")
     for key in ("epochs", "batch_size"):

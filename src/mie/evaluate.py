@@ -59,7 +59,7 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", device="auto", root
     method.model = method.build_model(spec).to(dev)
     method.model.load_state_dict(ckpt["model"])
     data_loader = loader(dataset, cfg["train"]["batch_size"], num_workers=cfg["train"]["num_workers"])
-    metrics = evaluate(method, data_loader, dev, spec.modalities)
+    metrics = evaluate(method, data_loader, dev, spec.modalities, cfg["train"].get("amp", "off"))
     return {"checkpoint": str(checkpoint), "epoch": ckpt["epoch"], "split": split, **metrics}
 
 

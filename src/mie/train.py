@@ -6,6 +6,7 @@
                     keep the best checkpoint by validation; write history.csv and last.pt
     test is evaluated once, at the end, with the checkpoint validation chose.
 """
+import contextlib
 import inspect
 import math
 import time
@@ -94,14 +95,23 @@ def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0):
                       num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
 
+def autocast(device, amp):
+    """Mixed precision for forward passes: ``amp`` "bf16" (bfloat16 autocast; parameters, gradients,
+    optimizer states and GM covariances stay float32/float64, so no loss scaling is needed) or "off"."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
-def predict_all(method, data_loader, device, modalities):
+def predict_all(method, data_loader, device, modalities, amp="off"):
     """Fused (N, K) and per-modality {m: (N, K)} probabilities, and labels (N,), over a loader."""
     method.model.eval()
     fused, per, ys = [], {m: [] for m in modalities}, []
     for batch in data_loader:
         xs, y = to_device(batch, device, modalities)
-        f, p = method.predict(xs)
+        with autocast(device, amp):
+            f, p = method.predict(xs)
         fused.append(f.float().cpu())
         for m in modalities:
             per[m].append(p[m].float().cpu())
@@ -110,9 +120,9 @@ def predict_all(method, data_loader, device, modalities):
             torch.cat(ys).numpy())
 
 
-def evaluate(method, data_loader, device, modalities):
+def evaluate(method, data_loader, device, modalities, amp="off"):
     """The metrics dict (accuracy, macro_f1, map, per_modality) of ``method`` on a loader."""
-    fused, per, y = predict_all(method, data_loader, device, modalities)
+    fused, per, y = predict_all(method, data_loader, device, modalities, amp)
     broken = [m for m, p in per.items() if not np.isfinite(p).all()] or ([] if np.isfinite(fused).all() else ["fused"])
     if broken:
         raise MieInputError(f"{method.name} predicts NaN/inf for {', '.join(broken)}: training diverged "
@@ -206,7 +216,7 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         torch.set_num_threads(train_cfg["threads"])
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    device = resolve_device(train_cfg["device"])
+    device, amp = resolve_device(train_cfg["device"]), train_cfg["amp"]
     prepared = prepare(cfg, data)
     modalities = prepared.modalities
     spec = model_spec(cfg, prepared)
@@ -263,13 +273,16 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         apply_lr_factor(make_optimizer.optimizers, lr_factor)
         sums, counts = {}, {}
         for batch in train_loader:
-            for k, v in method.train_step(*to_device(batch, device, modalities)).items():
+            with autocast(device, amp):
+                logs = method.train_step(*to_device(batch, device, modalities))
+            for k, v in logs.items():
                 sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
         row = {"epoch": epoch + 1, **{k: v / counts[k] for k, v in sums.items()}}
         if step:
             row["lr_factor"] = lr_factor
-        row.update(method.end_epoch(epoch))
-        val = evaluate(method, eval_loaders["val"], device, modalities)
+        with autocast(device, amp):
+            row.update(method.end_epoch(epoch))
+        val = evaluate(method, eval_loaders["val"], device, modalities, amp)
         row.update(_flat_val(val))
         state["seconds"] += time.perf_counter() - t0
         row["seconds"] = state["seconds"]
@@ -301,7 +314,7 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         writer.close()
 
     model.load_state_dict(best_state)
-    test = evaluate(method, eval_loaders["test"], device, modalities)
+    test = evaluate(method, eval_loaders["test"], device, modalities, amp)
     result = {"method": method.name, "method_params": method.hparams(), "seed": seed,
               "data": prepared.name, "modalities": modalities, "num_classes": prepared.num_classes,
               "split": {"how": prepared.split_how,

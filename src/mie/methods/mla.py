@@ -63,6 +63,7 @@ from torch import nn
 from ..errors import MieInputError
 from ..models import ClassifierHead, build_encoders
 from ..models.fusion import FUSIONS
+from ..optim import full_precision
 from .base import Method, require_two_modalities
 
 
@@ -197,11 +198,12 @@ class MLA(Method):
             loss = F.cross_entropy(self.model.forward_modality(m, x), y)
         loss.backward()
         alpha = self.alpha()
-        for i, layer in enumerate(self.linears):
-            r = _global_mean(rec.inputs[i].reshape(-1, layer.in_features).float())
-            self.P[i] = owm_update(self.P[i], r, alpha, self.normalize)
-            if layer.weight.grad is not None:
-                layer.weight.grad = layer.weight.grad @ self.P[i].T.to(layer.weight.grad.dtype)
+        with full_precision():
+            for i, layer in enumerate(self.linears):
+                r = _global_mean(rec.inputs[i].reshape(-1, layer.in_features).float())
+                self.P[i] = owm_update(self.P[i], r, alpha, self.normalize)
+                if layer.weight.grad is not None:
+                    layer.weight.grad = layer.weight.grad @ self.P[i].T.to(layer.weight.grad.dtype)
         self.optimizer.step()
         return loss.item()
 

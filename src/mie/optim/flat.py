@@ -14,6 +14,8 @@ When modality l is trained, the weight gradient of its Linear at the same positi
 import torch
 from torch import nn
 
+from .precision import full_precision
+
 # Relative eigenvalue spread below which Ȳ is treated as a multiple of I (so T = I).
 _EQUAL_EIGENVALUES_RTOL = 1e-12
 
@@ -54,7 +56,7 @@ class InputCovariance:
     def _hook(self, index):
         def hook(module, inputs, output):
             z = inputs[0].detach().reshape(-1, module.in_features)
-            z_bar = z.mean(dim=0).to(torch.float64).cpu()
+            z_bar = z.to(torch.float64).mean(dim=0).cpu()    # float64 before the mean (bf16 inputs under AMP)
             self.covariances[index] += torch.outer(z_bar, z_bar)
         return hook
 
@@ -74,6 +76,7 @@ class InputCovariance:
                 torch.distributed.all_reduce(cov)
 
 
+@full_precision()
 def modify_linear_gradient(linear, T):
     """Replace ``linear.weight.grad`` (out × in) by ∇W · T; returns ‖∇W·T − ∇W‖ / ‖∇W‖."""
     grad = linear.weight.grad
