@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from . import distributed
 from .errors import MieInputError
 
 
@@ -110,6 +111,8 @@ def cmd_train(args):
     from .train import run
     cfg = _config(args, args.method)
     result = run(cfg, out_dir=args.out, resume=args.resume)
+    if distributed.rank() != 0:
+        return
     test = result["test"]
     per = ", ".join(f"{m} {v['accuracy']:.4f}" for m, v in test["per_modality"].items())
     print(f"{result['method']} seed {result['seed']}: test accuracy {test['accuracy']:.4f}, "
@@ -244,6 +247,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         COMMANDS[args.command](args)
+        distributed.stop()
     except MieInputError as e:
         print(f"mie: error: {e}", file=sys.stderr)
         return 2

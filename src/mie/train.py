@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import config as config_mod
+from . import distributed
 from .data import DISK_DATASETS, call_with_options
 from .data.prepare import load_arrays, prepare_arrays, prepare_datasets
 from .errors import MieInputError
@@ -64,10 +65,13 @@ def optimizer_factory(train):
 
 
 def recording(make):
-    """``make`` that also keeps every optimizer it builds in ``.optimizers`` (for the schedule)."""
+    """``make`` that also keeps every optimizer it builds in ``.optimizers`` (for the schedule)
+    and, under torchrun, makes it average gradients over the ranks before each step."""
     def make_and_keep(params):
         optimizer = make(params)
         make_and_keep.optimizers.append(optimizer)
+        if distributed.world_size() > 1:
+            distributed.average_gradients_before_step(optimizer)
         return optimizer
     make_and_keep.optimizers = []
     return make_and_keep
@@ -87,12 +91,17 @@ def to_device(batch, device, modalities):
     return {m: xs[m].to(device, non_blocking=True) for m in modalities}, y.to(device, non_blocking=True)
 
 
-def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0):
+def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0, seed=0):
     """Evaluation loaders keep every sample; the training loader drops a last batch of one
-    sample (BatchNorm cannot train on it) and nothing else."""
-    drop_last = shuffle and len(dataset) % batch_size == 1
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, drop_last=drop_last, pin_memory=torch.cuda.is_available())
+    sample (BatchNorm cannot train on it) and nothing else. Under torchrun the training loader
+    gives each rank its shard of every epoch's permutation (``sampler.set_epoch``)."""
+    sampler = None
+    if shuffle and distributed.world_size() > 1:
+        sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=seed)
+    drop_last = shuffle and len(sampler or dataset) % batch_size == 1
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=num_workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available())
 
 
 def autocast(device, amp):
@@ -216,7 +225,8 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         torch.set_num_threads(train_cfg["threads"])
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    device, amp = resolve_device(train_cfg["device"]), train_cfg["amp"]
+    device, amp = distributed.start(resolve_device(train_cfg["device"])), train_cfg["amp"]
+    main = distributed.rank() == 0     # the rank that writes files and shows progress
     prepared = prepare(cfg, data)
     modalities = prepared.modalities
     spec = model_spec(cfg, prepared)
@@ -225,7 +235,7 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
 
     generator = torch.Generator().manual_seed(seed)
     bs, workers = train_cfg["batch_size"], train_cfg["num_workers"]
-    train_loader = loader(prepared.datasets["train"], bs, True, generator, workers)
+    train_loader = loader(prepared.datasets["train"], bs, True, generator, workers, seed)
     eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
 
     def batches(split):
@@ -256,14 +266,16 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
             state = ckpt["loop"]
             best_state = torch.load(out / "checkpoints" / "best.pt", map_location="cpu",
                                     weights_only=False)["model"]
-        write_text(out / "config.yaml", config_mod.dump(cfg))
-        if prepared.indices is not None:
-            _save_split(out, prepared)
+        if main:
+            write_text(out / "config.yaml", config_mod.dump(cfg))
+            if prepared.indices is not None:
+                _save_split(out, prepared)
+    save = out is not None and main
 
-    writer = _tensorboard(out, state["epoch"]) if out is not None else None
+    writer = _tensorboard(out, state["epoch"]) if save else None
     bar = tqdm(range(state["epoch"], num_epochs), initial=state["epoch"], total=num_epochs,
-               desc=f"{method.name} seed {seed}", disable=(None if progress is None else not progress),
-               leave=False)
+               desc=f"{method.name} seed {seed}", leave=False,
+               disable=True if not main else (None if progress is None else not progress))
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
@@ -271,6 +283,8 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         step, gamma = train_cfg["lr_step"], train_cfg["lr_gamma"]
         lr_factor = gamma ** (method.schedule_epoch(epoch) // step) if step else 1.0
         apply_lr_factor(make_optimizer.optimizers, lr_factor)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
         sums, counts = {}, {}
         for batch in train_loader:
             with autocast(device, amp):
@@ -280,9 +294,11 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         row = {"epoch": epoch + 1, **{k: v / counts[k] for k, v in sums.items()}}
         if step:
             row["lr_factor"] = lr_factor
+        if distributed.world_size() > 1:
+            distributed.average_buffers(model)
         with autocast(device, amp):
             row.update(method.end_epoch(epoch))
-        val = evaluate(method, eval_loaders["val"], device, modalities, amp)
+        val = distributed.from_rank0(evaluate(method, eval_loaders["val"], device, modalities, amp))
         row.update(_flat_val(val))
         state["seconds"] += time.perf_counter() - t0
         row["seconds"] = state["seconds"]
@@ -290,12 +306,12 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         if score > state["best_score"]:
             state.update(best_score=score, best_epoch=epoch + 1, best_val=val)
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if out is not None:
+            if save:
                 save_torch(out / "checkpoints" / "best.pt", checkpoint_payload(cfg, spec, prepared, best_state,
                                                                                 epoch + 1))
         state["history"].append(row)
         state["epoch"] = epoch + 1
-        if out is not None:
+        if save:
             write_text(out / "history.csv", csv_text(state["history"]))
             save_torch(out / "checkpoints" / "last.pt",
                        {"config": cfg, "model": model.state_dict(), "method": method.state_dict(),
@@ -314,7 +330,7 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         writer.close()
 
     model.load_state_dict(best_state)
-    test = evaluate(method, eval_loaders["test"], device, modalities, amp)
+    test = distributed.from_rank0(evaluate(method, eval_loaders["test"], device, modalities, amp))
     result = {"method": method.name, "method_params": method.hparams(), "seed": seed,
               "data": prepared.name, "modalities": modalities, "num_classes": prepared.num_classes,
               "split": {"how": prepared.split_how,
@@ -322,8 +338,8 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
               "epochs_per_modality": train_cfg["epochs"], "loop_epochs": num_epochs,
               "best_epoch": state["best_epoch"], "select_on": train_cfg["select_on"],
               "val": state["best_val"], "test": test, "seconds": round(state["seconds"], 3),
-              "device": str(device)}
-    if out is not None:
+              "device": str(device), "processes": distributed.world_size()}
+    if save:
         write_json(out / "metrics.json", result)
     return result
 

@@ -224,8 +224,7 @@ class MIE(Method):
                 for m in modalities:
                     self.model.forward_modality(m, xs[m])
         self.model.train(was_training)
-        for m, c in collectors.items():
-            c.all_reduce()
+        for m, c in collectors.items():   # every rank passed over all the data: nothing to reduce
             self.T[m] = [flat_modification_matrix(cov, self.tau) for cov in c.covariances]
             self._T_device.pop(m, None)
 

@@ -70,10 +70,15 @@ class InputCovariance:
         self._handles = []
 
     def all_reduce(self):
-        """Sum the covariances over a torch.distributed process group, if one is running."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        """Sum the covariances over a torch.distributed process group, if one is running (for a
+        loop in which each rank passes over its own shard of the data)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"   # NCCL reduces GPU tensors only
             for cov in self.covariances:
-                torch.distributed.all_reduce(cov)
+                total = cov.to(device)
+                dist.all_reduce(total)
+                cov.copy_(total.cpu())
 
 
 @full_precision()

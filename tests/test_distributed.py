@@ -1,0 +1,81 @@
+"""Two processes under torch.distributed (gloo on CPU), as torchrun starts them: each trains on its
+shard, gradients and BatchNorm statistics are averaged, the ranks end with identical models and
+rank 0 alone writes the run's files."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import mie
+import mie.train
+from conftest import make_arrays
+
+CONFIG = {"train": {"epochs": 2, "batch_size": 16, "threads": 1}, "model": {"dim": 16, "head_hidden": [16, 8]}}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out, method):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    seen = {"checksums": [], "train_batches": []}
+    evaluate, loader = mie.train.evaluate, mie.train.loader
+
+    def checked_evaluate(m, *args, **kwargs):
+        seen["checksums"].append(sum(float(v.double().sum()) for v in m.model.state_dict().values()
+                                     if v.is_floating_point()))
+        return evaluate(m, *args, **kwargs)
+
+    def counted_loader(dataset, batch_size, shuffle=False, *args, **kwargs):
+        made = loader(dataset, batch_size, shuffle, *args, **kwargs)
+        if shuffle:
+            seen["train_batches"].append(len(made))
+        return made
+
+    mie.train.evaluate, mie.train.loader = checked_evaluate, counted_loader
+    x, y = make_arrays(n=120)
+    result = mie.fit(mie.MultimodalArrays(x, y), method, config=CONFIG, out_dir=out / "run", seed=0, progress=False)
+    (out / f"rank{rank}.json").write_text(json.dumps({"result": result, **seen}))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["joint", "mie"])
+def test_two_ranks_stay_identical_and_rank0_writes(tmp_path, method):
+    mp.spawn(_worker, args=(2, _free_port(), tmp_path, method), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]              # same parameters and buffers throughout
+    assert ranks[0]["result"]["test"] == ranks[1]["result"]["test"] and ranks[0]["result"]["processes"] == 2
+    # 84 training samples: 42 per rank → 3 batches of 16 each (one process would take 6)
+    assert ranks[0]["train_batches"] == ranks[1]["train_batches"] == [3]
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["test"] == ranks[0]["result"]["test"]
+    assert len(list((tmp_path / "run").glob("history.csv"))) == 1
+
+
+def _covariance_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.distributed.init_process_group("gloo")
+    from mie.optim import InputCovariance
+    layer = torch.nn.Linear(3, 2)
+    batches = torch.arange(24, dtype=torch.float32).reshape(4, 2, 3).sin()    # 4 batches of 2 samples
+    with InputCovariance([layer]) as cov:
+        for batch in batches[rank::world]:                                   # this rank's shard
+            layer(batch)
+    cov.all_reduce()
+    torch.save(cov.covariances[0], out / f"cov{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_covariances_sum_over_shards(tmp_path):
+    mp.spawn(_covariance_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    means = torch.arange(24, dtype=torch.float64).reshape(4, 2, 3).sin().mean(dim=1)     # z̄_t of every batch
+    expected = sum(torch.outer(z, z) for z in means)
+    for r in (0, 1):
+        assert torch.allclose(torch.load(tmp_path / f"cov{r}.pt"), expected)
