@@ -7,7 +7,7 @@ import torch
 import mie
 from conftest import make_arrays
 from mie.methods import METHODS
-from mie.optim import InputCovariance, full_precision, modify_linear_gradient
+from mie.optim import InputCovariance, full_precision, modify_gradient
 
 CONFIG = {"train": {"epochs": 2, "batch_size": 16, "amp": "bf16"}, "model": {"dim": 16, "head_hidden": [16, 8]}}
 
@@ -28,7 +28,7 @@ def test_forward_runs_in_bf16_and_gradient_arithmetic_does_not():
         out.float().sum().backward()
         before = layer.weight.grad.clone()
         T = torch.diag(torch.tensor([1.0, 0.5, 0.25, 1.0], dtype=torch.float64))
-        modify_linear_gradient(layer, T)
+        modify_gradient(layer, T)
         with full_precision():
             product = torch.randn(3, 3) @ torch.randn(3, 3)
     assert out.dtype == torch.bfloat16 and cov.covariances[0].dtype == torch.float64

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mie.optim import InputCovariance, flat_modification_matrix, matrix_stats, modify_linear_gradient
+from mie.optim import InputCovariance, flat_modification_matrix, matrix_stats, modify_gradient
 
 
 def _orthogonal(d, seed):
@@ -114,7 +114,7 @@ def test_matrix_stats():
     V = _orthogonal(4, 6)
     T = torch.from_numpy(V @ np.diag([0.6, 0.8, 0.9, 1.0]) @ V.T)
     s = matrix_stats(T)
-    assert s["min_eig"] == pytest.approx(0.6, abs=1e-12)
+    assert s["mean_eig"] == pytest.approx((0.6 + 0.8 + 0.9 + 1.0) / 4, abs=1e-12)
     assert s["dist_identity"] == pytest.approx(math.sqrt(0.4 ** 2 + 0.2 ** 2 + 0.1 ** 2), abs=1e-12)
 
 
@@ -167,15 +167,15 @@ def test_input_covariance_rejects_non_linear():
         InputCovariance([nn.Conv1d(2, 2, 3)])
 
 
-# ---- modify_linear_gradient --------------------------------------------------------------
+# ---- modify_gradient --------------------------------------------------------------
 
-def test_modify_linear_gradient():
+def test_modify_gradient():
     torch.manual_seed(1)
     lin = nn.Linear(5, 3)
     g_w, g_b = torch.randn(3, 5), torch.randn(3)
     lin.weight.grad, lin.bias.grad = g_w.clone(), g_b.clone()
     T = torch.eye(5, dtype=torch.float64) + 0.3 * torch.randn(5, 5, dtype=torch.float64)   # not symmetric
-    change = modify_linear_gradient(lin, T)
+    change = modify_gradient(lin, T)
 
     expected = g_w.double().numpy() @ T.numpy()
     assert lin.weight.grad.dtype == torch.float32
@@ -187,11 +187,81 @@ def test_modify_linear_gradient():
     assert change == pytest.approx(np.linalg.norm(expected - g) / np.linalg.norm(g), rel=1e-5)
 
 
-def test_modify_linear_gradient_shape_mismatch_and_no_grad():
+def test_modify_gradient_shape_mismatch_and_no_grad():
     lin = nn.Linear(5, 3)
-    assert modify_linear_gradient(lin, torch.eye(5, dtype=torch.float64)) == 0.0     # no grad yet
+    assert modify_gradient(lin, torch.eye(5, dtype=torch.float64)) == 0.0     # no grad yet
     lin.weight.grad = torch.randn(3, 5)
     with pytest.raises(ValueError):
-        modify_linear_gradient(lin, torch.eye(3, dtype=torch.float64))               # out_features-sized
+        modify_gradient(lin, torch.eye(3, dtype=torch.float64))               # out_features-sized
     with pytest.raises(ValueError):
-        modify_linear_gradient(lin, torch.eye(6, dtype=torch.float64))
+        modify_gradient(lin, torch.eye(6, dtype=torch.float64))
+
+
+# ---- convolution layers (GM beyond the head) --------------------------------------------------
+
+def _patch_means_by_hand(x, k, stride, pad):
+    """Mean over batch and output positions of every (C·k·k) input patch, by explicit loops."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    b, c, h, w = x.shape
+    patches = []
+    for i in range(0, h - k + 1, stride):
+        for j in range(0, w - k + 1, stride):
+            patches.append(x[:, :, i:i + k, j:j + k].reshape(b, -1))      # (B, C·k·k), channel-major
+    return np.concatenate(patches).mean(axis=0)
+
+
+def test_conv_covariance_is_the_unfolded_input_covariance():
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(4, 2, 7, 6)) for _ in range(3)]
+    with InputCovariance([conv]) as cov:
+        for x in batches:
+            conv(torch.tensor(x, dtype=torch.float32))
+    means = [_patch_means_by_hand(x.astype(np.float32).astype(np.float64), 3, 2, 1) for x in batches]
+    expected = sum(np.outer(z, z) for z in means)
+    assert cov.covariances[0].shape == (18, 18)
+    np.testing.assert_allclose(cov.covariances[0].numpy(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_conv_gradient_is_modified_as_a_matrix():
+    conv = nn.Conv2d(2, 3, 2)
+    conv(torch.randn(2, 2, 4, 4)).sum().backward()
+    grad = conv.weight.grad.clone()
+    T = torch.as_tensor(np.random.default_rng(1).normal(size=(8, 8)), dtype=torch.float64)
+    modify_gradient(conv, T)
+    expected = (grad.reshape(3, 8).double() @ T).reshape(3, 2, 2, 2)
+    assert torch.allclose(conv.weight.grad.double(), expected, atol=1e-5)
+    assert conv.bias.grad is not None
+
+
+def test_layers_gm_cannot_take_are_refused():
+    from mie.optim import input_dim
+    for layer in (nn.Conv1d(2, 2, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv3d(1, 1, 3)):
+        with pytest.raises(TypeError, match="GM takes"):
+            input_dim(layer)
+
+
+def test_low_rank_covariance_of_a_wide_layer(monkeypatch):
+    """Ȳ = Z Zᵀ of rank 3 in 600 dimensions: T = I + Σ_i (σ_i − 1) u_i u_iᵀ over Z's left singular
+    vectors (every other direction has λ = λ_min = 0, so σ = 1), also when torch's eigh gives up."""
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(600, 3))
+    U, s, _ = np.linalg.svd(Z, full_matrices=False)
+    lam = s ** 2
+    sigma = np.exp(-0.4 * lam / lam.max())
+    expected = np.eye(600) + (U * (sigma - 1)) @ U.T
+    np.testing.assert_allclose(flat_modification_matrix(torch.tensor(Z @ Z.T), 0.4).numpy(), expected, atol=1e-8)
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("failed to converge")
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    np.testing.assert_allclose(flat_modification_matrix(torch.tensor(Z @ Z.T), 0.4).numpy(), expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("d, n", [(50, 7), (6, 20), (9, 1)])
+def test_T_from_batch_means_equals_T_from_their_covariance(d, n):
+    from mie.optim import flat_modification_from_means
+    Z = torch.as_tensor(np.random.default_rng(d).normal(size=(d, n)))
+    np.testing.assert_allclose(flat_modification_from_means(Z, 0.7).numpy(),
+                               flat_modification_matrix(Z @ Z.T, 0.7).numpy(), atol=1e-9)
+    assert torch.equal(flat_modification_from_means(torch.zeros(d, 0), 0.7), torch.eye(d, dtype=torch.float64))

@@ -333,14 +333,14 @@ def test_end_epoch_logs():
     assert logs["active"] == "a"
     assert logs["gm_source"] == "c"
     Tc = [t.numpy() for t in method.T["c"]]
-    assert logs["gm_T_min_eig"] == pytest.approx(min(np.linalg.eigvalsh(t).min() for t in Tc), abs=1e-10)
+    assert logs["gm_T_mean_eig"] == pytest.approx(np.mean([np.linalg.eigvalsh(t).mean() for t in Tc]), abs=1e-10)
     assert logs["gm_T_dist_identity"] == pytest.approx(
         np.mean([np.linalg.norm(t - np.eye(t.shape[0])) for t in Tc]), abs=1e-10)
     expected_change = np.mean([np.mean(c) for c in changes])
     assert logs["gm_grad_rel_change"] == pytest.approx(expected_change, rel=1e-5)
     # T^(a) (the trained modality's own matrix) would give other numbers
     Ta = [t.numpy() for t in method.T["a"]]
-    assert abs(min(np.linalg.eigvalsh(t).min() for t in Ta) - logs["gm_T_min_eig"]) > 1e-4
+    assert abs(np.mean([np.linalg.eigvalsh(t).mean() for t in Ta]) - logs["gm_T_mean_eig"]) > 1e-4
 
 
 def test_end_epoch_without_gm_has_no_gm_logs():
@@ -422,3 +422,61 @@ def test_released_objective_leaves_token_ids_unmixed():
     ids = torch.randint(0, 100, (4, 2, 6))
     method._objective(ids, torch.tensor([0, 1, 0, 1]))("text")
     assert torch.equal(seen[0], ids)
+
+
+# ---- (5) GM beyond the head -------------------------------------------------------------------
+
+def _image_model():
+    torch.manual_seed(0)
+    spec = ModelSpec(["img", "spec"], {"img": (3, 8, 8), "spec": (1, 8, 8)},
+                     {"img": "resnet_small", "spec": "resnet_small"}, K, dim=16, head_hidden=(8,))
+    return LateFusionModel.build(spec)
+
+
+def test_gm_scope_takes_layers_from_the_output_back_to_a_parameter_share():
+    from mie.methods.mie import gm_layers
+    model = _image_model()
+    head = list(model.heads["img"].linears)
+    assert gm_layers(model, "img", 0.0) == head
+    convs = [l for l in model.encoders["img"].modules() if isinstance(l, (nn.Conv2d, nn.Linear))]
+    total = sum(p.numel() for p in model.modality_parameters("img"))
+    for share in (0.05, 0.3, 0.6, 1.0):
+        chosen = gm_layers(model, "img", share)
+        # by hand: add encoder layers from the last one while the chosen weights hold < share of all
+        expected, held = list(head), sum(l.weight.numel() for l in head)
+        for layer in reversed(convs):
+            if held >= share * total:
+                break
+            expected.insert(0, layer)
+            held += layer.weight.numel()
+        assert chosen == expected
+    assert len(gm_layers(model, "img", 1.0)) == len(convs) + len(head)
+
+
+def test_gm_scope_pairs_layers_from_the_output_and_skips_other_sizes():
+    model = _image_model()
+    method = create_method("mie", gm_scope=1.0, sam=False)
+    method.setup(model, TrainContext(["img", "spec"], torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1),
+                                     None, None, 1, 1))
+    pairs = method._pairs("spec", "img")
+    layers = method.layers["spec"]
+    assert len(pairs) == len(layers) - 1                     # the 1-channel stem differs from the 3-channel one
+    assert all(t.shape[0] == method_input for (l, t), method_input in
+               zip(pairs, [__import__("mie.optim", fromlist=["input_dim"]).input_dim(l) for l, _ in pairs]))
+    assert layers[0] not in [l for l, _ in pairs]
+
+
+def test_mie_trains_with_gm_on_the_encoders():
+    import mie
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % K
+    x = {"img": rng.normal(size=(60, 3, 8, 8)).astype(np.float32) + y[:, None, None, None],
+         "spec": rng.normal(size=(60, 1, 8, 8)).astype(np.float32)}
+    rows = []
+    result = mie.fit(mie.MultimodalArrays(x, y), "mie", config={"train": {"epochs": 2, "batch_size": 16},
+                     "model": {"dim": 16, "head_hidden": [8]}}, gm_scope=0.5, progress=False,
+                     callbacks=[lambda epoch, row: rows.append(row)])
+    assert result["method_params"]["gm_scope"] == 0.5 and np.isfinite(result["test"]["accuracy"])
+    assert rows[1]["gm_T_dist_identity"] > 0 and rows[1]["gm_grad_rel_change"] > 0   # spec's layers shaped by T^(img)
+    with pytest.raises(MieInputError, match="gm_scope must be a share of the parameters in"):
+        create_method("mie", gm_scope=1.5)

@@ -14,6 +14,13 @@ and after the stage, T^(j) = V exp(−τ (Λ − λ_min)/(λ_max − λ_min)) V�
 each of j's head Linear inputs over one eval pass of the training data (``mie.optim.flat``).
 At inference p = fuse(p_1, …, p_m) with "average" or per-sample entropy "weight" fusion.
 
+GM rewrites the head's Linear layers by default. ``gm_scope`` s ∈ [0, 1] extends it into the
+encoder, as the paper's Table 4 does (30% of the parameters scored best on CREMA-D): Linear and
+Conv2d layers are added from the last one backwards while the chosen layers' weights hold less
+than s of the modality's parameters, a conv layer's Ȳ being its unfolded-input covariance
+(``mie.optim.flat``). Layers of j and k are paired by position counted from the output; a pair
+whose d_in differs (e.g. a 1-channel and a 3-channel stem) is left unmodified.
+
 A stage lasts ``epochs_per_stage`` epochs, one number for all modalities or one per modality
 (``{audio: 25, video: 50}`` as the authors' CREMA-D runs); the cycle repeats until every modality
 has had at least ``train.epochs`` epochs. With ``train.lr_step`` each stage restarts the step
@@ -43,21 +50,49 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from ..optim import (SAM, InputCovariance, flat_modification_matrix, frozen_batchnorm_stats,
-                     matrix_stats, modify_linear_gradient)
+from ..optim import (GM_LAYERS, SAM, InputCovariance, frozen_batchnorm_stats, input_dim, matrix_stats,
+                     modify_gradient)
 from .base import Method, require_two_modalities
 
 ALTERNATIONS = ("stage", "iteration")
 OBJECTIVES = ("paper", "released")
 
 
+def gm_layers(model, m, scope=0.0):
+    """Modality m's layers whose gradients GM rewrites, in forward order: its head's Linears, then
+    its encoder's Linear / Conv2d layers taken from the last backwards while the chosen layers'
+    weights hold less than a share ``scope`` ∈ [0, 1] of m's parameters (0: the head alone)."""
+    layers = list(model.heads[m].linears)
+    total = sum(p.numel() for p in model.modality_parameters(m))
+    held = sum(l.weight.numel() for l in layers)
+    candidates = [l for l in model.encoders[m].modules() if isinstance(l, GM_LAYERS) and _supported(l)]
+    for layer in reversed(candidates):
+        if held >= scope * total:
+            break
+        layers.insert(0, layer)
+        held += layer.weight.numel()
+    return layers
+
+
+def _supported(layer):
+    try:
+        input_dim(layer)
+    except TypeError:
+        return False
+    return True
+
+
 class MIE(Method):
     name = "mie"
 
     def __init__(self, tau=0.4, rho=0.05, sam=True, gm=True, adaptive=False, alternation="stage",
-                 epochs_per_stage=1, order=None, fusion="average", objective="paper", mixup_alpha=1.0,
-                 flat_weight=0.3):
+                 epochs_per_stage=1, order=None, fusion="average", gm_scope=0.0, objective="paper",
+                 mixup_alpha=1.0, flat_weight=0.3):
         super().__init__(fusion=fusion)
+        if isinstance(gm_scope, bool) or not isinstance(gm_scope, (int, float)) or not 0 <= gm_scope <= 1:
+            raise MieInputError(f"gm_scope must be a share of the parameters in [0, 1] (0: the head alone), "
+                                f"got {gm_scope!r}")
+        self.gm_scope = float(gm_scope)
         if objective not in OBJECTIVES:
             raise MieInputError(f"unknown objective '{objective}'; expected one of {OBJECTIVES}")
         if not mixup_alpha > 0 or not 0 <= flat_weight <= 1:
@@ -80,7 +115,7 @@ class MIE(Method):
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive"} if fixed.get("sam") is False else set()) | \
-               ({"tau"} if fixed.get("gm") is False else set()) | \
+               ({"tau", "gm_scope"} if fixed.get("gm") is False else set()) | \
                ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else set())
 
     # ---- set-up -----------------------------------------------------------------------
@@ -100,8 +135,9 @@ class MIE(Method):
         for m in order:
             base = ctx.make_optimizer(model.modality_parameters(m))
             self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive) if self.sam else base
-        self.T = {m: [torch.eye(l.in_features, dtype=torch.float64) for l in model.heads[m].linears]
-                  for m in order}
+        self.layers = {m: gm_layers(model, m, self.gm_scope) for m in order}
+        self.T = {m: [torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] for m in order}
+        self._stats_cache = {}
         self._T_device = {}
 
     def num_epochs(self, epochs_per_modality):
@@ -154,8 +190,7 @@ class MIE(Method):
             with frozen_batchnorm_stats(self.model):
                 objective(j).backward()
         if self.gm:
-            T = self._on_device(k)
-            self._changes.append([modify_linear_gradient(l, t) for l, t in zip(self.model.heads[j].linears, T)])
+            self._changes.append([modify_gradient(l, t) for l, t in self._pairs(j, k)])
         if self.sam:
             opt.second_step(zero_grad=True)
         else:
@@ -178,6 +213,11 @@ class MIE(Method):
             return (1 - w) * mix + w * F.cross_entropy(o, y)
         return loss
 
+    def _pairs(self, j, k):
+        """(layer of j, T^(k)) at the same position counted from the output, where d_in agrees."""
+        return [(l, t) for l, t in zip(reversed(self.layers[j]), reversed(self._on_device(k)))
+                if t.shape[0] == input_dim(l)]
+
     def _on_device(self, m):
         if m not in self._T_device:
             p = next(self.model.heads[m].parameters())
@@ -199,24 +239,32 @@ class MIE(Method):
         return logs
 
     def _gm_logs(self, k):
-        """How strongly T^(k) acted this epoch: its smallest eigenvalue, ‖T − I‖_F (mean over the
-        head's layers) and the mean relative change ‖∇W·T − ∇W‖/‖∇W‖ it made to the gradients."""
+        """How strongly T^(k) acted this epoch: its mean eigenvalue tr(T)/d and ‖T − I‖_F (means over
+        the GM layers) and the mean relative change ‖∇W·T − ∇W‖/‖∇W‖ it made to the gradients."""
         if not self.gm:
             return {}
-        stats = [matrix_stats(t) for t in self.T[k]]
+        stats = self._stats(k)
         logs = {"gm_source": k,
-                "gm_T_min_eig": min(s["min_eig"] for s in stats),
+                "gm_T_mean_eig": sum(s["mean_eig"] for s in stats) / len(stats),
                 "gm_T_dist_identity": sum(s["dist_identity"] for s in stats) / len(stats)}
         if self._changes:
             logs["gm_grad_rel_change"] = sum(sum(c) / len(c) for c in self._changes) / len(self._changes)
         return logs
+
+    def _stats(self, m):
+        """matrix_stats of each T^(m), computed once per set of matrices."""
+        cached, stats = self._stats_cache.get(m, ((), None))
+        if len(cached) != len(self.T[m]) or any(a is not b for a, b in zip(cached, self.T[m])):
+            stats = [matrix_stats(t) for t in self.T[m]]
+            self._stats_cache[m] = (list(self.T[m]), stats)     # holds the matrices it describes
+        return stats
 
     @torch.no_grad()
     def recompute(self, modalities):
         """T^(m) for each m in ``modalities`` from one eval pass over the training data."""
         was_training = self.model.training
         self.model.eval()
-        collectors = {m: InputCovariance(self.model.heads[m].linears) for m in modalities}
+        collectors = {m: InputCovariance(self.layers[m]) for m in modalities}
         with ExitStack() as stack:
             for c in collectors.values():
                 stack.enter_context(c)
@@ -225,7 +273,7 @@ class MIE(Method):
                     self.model.forward_modality(m, xs[m])
         self.model.train(was_training)
         for m, c in collectors.items():   # every rank passed over all the data: nothing to reduce
-            self.T[m] = [flat_modification_matrix(cov, self.tau) for cov in c.covariances]
+            self.T[m] = c.flat_matrices(self.tau)
             self._T_device.pop(m, None)
 
     # ---- resume -----------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Optimisation pieces usable in any training loop: SAM and MIE's flat gradient modification."""
-from .flat import InputCovariance, flat_modification_matrix, matrix_stats, modify_linear_gradient
+from .flat import (GM_LAYERS, InputCovariance, flat_modification_from_means, flat_modification_matrix, input_dim,
+                   matrix_stats, modify_gradient)
 from .precision import full_precision
 from .sam import SAM, frozen_batchnorm_stats
 
-__all__ = ["SAM", "frozen_batchnorm_stats", "flat_modification_matrix", "InputCovariance",
-           "modify_linear_gradient", "matrix_stats", "full_precision"]
+__all__ = ["SAM", "frozen_batchnorm_stats", "flat_modification_matrix", "flat_modification_from_means",
+           "InputCovariance", "modify_gradient", "input_dim", "GM_LAYERS", "matrix_stats", "full_precision"]

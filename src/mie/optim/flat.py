@@ -1,23 +1,41 @@
 """Flat gradient modification (GM) of MIE (Jiang, Chi, Yang, arXiv 2407.04587, §3).
 
-For a Linear layer of modality k, over one pass of modality k's training data, with z̄_t the
-mean over mini-batch t of the layer's input (shape d_in):
+For a layer of modality k, over one pass of modality k's training data, with z̄_t the mean over
+mini-batch t of the layer's input (shape d_in):
 
     Ȳ = Σ_t z̄_t z̄_tᵀ                              (d_in × d_in, float64)
     V Λ Vᵀ = eigh(Ȳ),  λ clamped to ≥ 0
     Σ = exp(−τ · (Λ − λ_min I) / (λ_max − λ_min))    (T = I when λ_max = λ_min)
     T^(k) = V Σ Vᵀ
 
-When modality l is trained, the weight gradient of its Linear at the same position
-(PyTorch shape out × in) becomes ∇W · T^(k). Biases are untouched.
+When modality l is trained, the weight gradient of its layer at the same position, as a matrix
+(out × d_in), becomes ∇W · T^(k). Biases are untouched.
+
+A Linear's input is its input vector (d_in = in_features). A Conv2d's is the unfolded patch
+(d_in = in_channels · kh · kw, the order of ``weight.reshape(out, -1)``), and z̄_t is the mean
+over the batch and every output position: the unfolded-input covariance of Adam-NSCL (Wang et al.,
+CVPR 2021) that the paper names for GM beyond the head.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .precision import full_precision
 
 # Relative eigenvalue spread below which Ȳ is treated as a multiple of I (so T = I).
 _EQUAL_EIGENVALUES_RTOL = 1e-12
+
+
+def _eigh(cov):
+    """eigh, falling back to LAPACK's MRRR driver (scipy) where torch's divide-and-conquer fails
+    to converge: a conv layer's Ȳ is d_in × d_in with d_in in the thousands and rank ≤ the number
+    of batches, so nearly all its eigenvalues coincide at 0."""
+    try:
+        return torch.linalg.eigh(cov)
+    except torch.linalg.LinAlgError:
+        from scipy.linalg import eigh
+        lam, V = eigh(cov.cpu().numpy(), driver="evr")
+        return (torch.as_tensor(lam, device=cov.device), torch.as_tensor(V, device=cov.device))
 
 
 def flat_modification_matrix(cov, tau=0.4):
@@ -28,7 +46,7 @@ def flat_modification_matrix(cov, tau=0.4):
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     cov = (cov + cov.T) / 2
-    lam, V = torch.linalg.eigh(cov)
+    lam, V = _eigh(cov)
     lam = lam.clamp_min(0.0)
     lo, hi = lam.min(), lam.max()
     if hi - lo <= _EQUAL_EIGENVALUES_RTOL * hi.abs():
@@ -37,31 +55,76 @@ def flat_modification_matrix(cov, tau=0.4):
     return (V * sigma) @ V.T
 
 
-class InputCovariance:
-    """Accumulates Ȳ = Σ_t z̄_t z̄_tᵀ of the inputs of some Linear layers, via forward hooks.
+GM_LAYERS = (nn.Linear, nn.Conv2d)
 
-    Use as a context manager around forward passes; ``covariances`` holds one float64
-    (d_in × d_in) matrix per layer, in the order the layers were given.
+
+def input_dim(layer):
+    """d_in of a GM layer: the length of the vector its weight matrix multiplies."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and not isinstance(layer.padding, str):
+        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    raise TypeError(f"GM takes nn.Linear and ungrouped nn.Conv2d layers with numeric padding, "
+                    f"got {type(layer).__name__}")
+
+
+def layer_input_mean(layer, x):
+    """z̄: the mean of a GM layer's input vectors in one batch, float64 (d_in,)."""
+    x = x.detach().to(torch.float64)
+    if isinstance(layer, nn.Conv2d):
+        patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)   # (B, d_in, P)
+        return patches.mean(dim=(0, 2))
+    return x.reshape(-1, layer.in_features).mean(dim=0)
+
+
+def flat_modification_from_means(Z, tau=0.4):
+    """T of Ȳ = Z Zᵀ from the batch means Z = [z̄_1 … z̄_n] (d × n), float64 (d × d).
+
+    With fewer batches than dimensions (n < d, the rule for conv layers) Ȳ has rank ≤ n and
+    λ_min = 0, so T = I + Σ_i (σ_i − 1) u_i u_iᵀ over its n eigenpairs, taken from the n × n Gram
+    matrix ZᵀZ = W Λ Wᵀ (u_i = Z w_i / √λ_i): exactly V Σ Vᵀ, without a d × d eigendecomposition.
+    """
+    Z = torch.as_tensor(Z, dtype=torch.float64)
+    d, n = Z.shape
+    if n >= d:
+        return flat_modification_matrix(Z @ Z.T, tau)
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    eye = torch.eye(d, dtype=torch.float64, device=Z.device)
+    if n == 0:
+        return eye
+    lam, W = _eigh(Z.T @ Z)
+    lam = lam.clamp_min(0.0)
+    hi = lam.max()
+    if hi <= 0:
+        return eye
+    keep = lam > _EQUAL_EIGENVALUES_RTOL * hi
+    U = (Z @ W[:, keep]) / lam[keep].sqrt()
+    sigma = torch.exp(-tau * lam[keep] / hi)
+    return eye + (U * (sigma - 1)) @ U.T
+
+
+class InputCovariance:
+    """Collects, via forward hooks, the batch means z̄_t of the inputs of some Linear / Conv2d layers.
+
+    Use as a context manager around forward passes. ``batch_means(i)`` is Z = [z̄_1 … z̄_n]
+    (d_in × n, float64) of layer i, ``covariances`` the matrices Ȳ = Z Zᵀ = Σ_t z̄_t z̄_tᵀ, and
+    ``flat_matrices(τ)`` each layer's T, in the order the layers were given.
     """
 
-    def __init__(self, linears):
-        self.linears = list(linears)
-        for layer in self.linears:
-            if not isinstance(layer, nn.Linear):
-                raise TypeError(f"InputCovariance takes nn.Linear layers, got {type(layer).__name__}")
-        self.covariances = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64)
-                            for l in self.linears]
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self.dims = [input_dim(l) for l in self.layers]
+        self.means = [[] for _ in self.layers]
         self._handles = []
 
     def _hook(self, index):
         def hook(module, inputs, output):
-            z = inputs[0].detach().reshape(-1, module.in_features)
-            z_bar = z.to(torch.float64).mean(dim=0).cpu()    # float64 before the mean (bf16 inputs under AMP)
-            self.covariances[index] += torch.outer(z_bar, z_bar)
+            self.means[index].append(layer_input_mean(module, inputs[0]).cpu())   # float64 (bf16 under AMP)
         return hook
 
     def __enter__(self):
-        self._handles = [l.register_forward_hook(self._hook(i)) for i, l in enumerate(self.linears)]
+        self._handles = [l.register_forward_hook(self._hook(i)) for i, l in enumerate(self.layers)]
         return self
 
     def __exit__(self, *exc):
@@ -69,37 +132,49 @@ class InputCovariance:
             h.remove()
         self._handles = []
 
+    def batch_means(self, index):
+        if not self.means[index]:
+            return torch.zeros(self.dims[index], 0, dtype=torch.float64)
+        return torch.stack(self.means[index], dim=1)
+
+    @property
+    def covariances(self):
+        return [Z @ Z.T for Z in map(self.batch_means, range(len(self.layers)))]
+
+    def flat_matrices(self, tau):
+        return [flat_modification_from_means(self.batch_means(i), tau) for i in range(len(self.layers))]
+
     def all_reduce(self):
-        """Sum the covariances over a torch.distributed process group, if one is running (for a
+        """Join every rank's batch means, if a torch.distributed process group is running (for a
         loop in which each rank passes over its own shard of the data)."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"   # NCCL reduces GPU tensors only
-            for cov in self.covariances:
-                total = cov.to(device)
-                dist.all_reduce(total)
-                cov.copy_(total.cpu())
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.means)
+            self.means = [[z for rank_means in gathered for z in rank_means[i]] for i in range(len(self.layers))]
 
 
 @full_precision()
-def modify_linear_gradient(linear, T):
-    """Replace ``linear.weight.grad`` (out × in) by ∇W · T; returns ‖∇W·T − ∇W‖ / ‖∇W‖."""
-    grad = linear.weight.grad
+def modify_gradient(layer, T):
+    """Replace ``layer.weight.grad``, as a matrix (out × d_in), by ∇W · T; returns
+    ‖∇W·T − ∇W‖ / ‖∇W‖."""
+    grad = layer.weight.grad
     if grad is None:
         return 0.0
-    if T.shape != (grad.shape[1], grad.shape[1]):
-        raise ValueError(f"T of shape {tuple(T.shape)} does not fit a Linear with "
-                         f"in_features={grad.shape[1]}")
-    new = grad @ T.to(dtype=grad.dtype, device=grad.device)
-    norm = grad.norm()
-    change = ((new - grad).norm() / norm).item() if norm > 0 else 0.0
-    linear.weight.grad = new
+    matrix = grad.reshape(grad.shape[0], -1)
+    if T.shape != (matrix.shape[1], matrix.shape[1]):
+        raise ValueError(f"T of shape {tuple(T.shape)} does not fit a {type(layer).__name__} with d_in={matrix.shape[1]}")
+    new = matrix @ T.to(dtype=grad.dtype, device=grad.device)
+    norm = matrix.norm()
+    change = ((new - matrix).norm() / norm).item() if norm > 0 else 0.0
+    layer.weight.grad = new.reshape(grad.shape)
     return change
 
 
 def matrix_stats(T):
-    """How strongly T acts: its smallest eigenvalue and ‖T − I‖_F."""
+    """How strongly T acts, in O(d²): its mean eigenvalue tr(T)/d (1 for T = I, towards e^{−τ}
+    as more directions are damped) and ‖T − I‖_F. (Its smallest eigenvalue is e^{−τ} whenever
+    T ≠ I, so it says nothing.)"""
     T = T.to(torch.float64)
     eye = torch.eye(T.shape[0], dtype=torch.float64, device=T.device)
-    return {"min_eig": torch.linalg.eigvalsh(T).min().item(),
-            "dist_identity": (T - eye).norm().item()}
+    return {"mean_eig": (T.trace() / T.shape[0]).item(), "dist_identity": (T - eye).norm().item()}
