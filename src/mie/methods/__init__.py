@@ -27,7 +27,7 @@ METHODS = {
     "mie_sam_only": (MIE, {"gm": False}, "MIE ablation: alternating stages + SAM, no GM"),
     "mie_gm_only": (MIE, {"sam": False}, "MIE ablation: alternating stages + GM, no SAM"),
     "mie_released": (MIE, {"objective": "released"}, "MIE trained on the released code's objective: mixup CE + "
-                                                      "clean-label CE (SPEC §1 opt-in; not the paper's)"),
+                                                      "clean-label CE (opt-in; the default is the paper's objective)"),
     "alternating": (MIE, {"sam": False, "gm": False}, "plain alternating unimodal training (no SAM, no GM)"),
     "ogm_ge": (OGMGE, {}, "OGM-GE: dominant encoder's gradients × (1−tanh(α·relu(ρ−1))) + Gaussian noise"),
     "ogm": (OGMGE, {"ge": "off"}, "OGM: gradient modulation without the GE noise"),
