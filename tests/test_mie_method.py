@@ -478,5 +478,6 @@ def test_mie_trains_with_gm_on_the_encoders():
                      callbacks=[lambda epoch, row: rows.append(row)])
     assert result["method_params"]["gm_scope"] == 0.5 and np.isfinite(result["test"]["accuracy"])
     assert rows[1]["gm_T_dist_identity"] > 0 and rows[1]["gm_grad_rel_change"] > 0   # spec's layers shaped by T^(img)
+    assert rows[1]["gm_layers"] > 2                                                   # the head's 2 and encoder layers
     with pytest.raises(MieInputError, match="gm_scope must be a share of the parameters in"):
         create_method("mie", gm_scope=1.5)

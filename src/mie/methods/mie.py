@@ -228,23 +228,24 @@ class MIE(Method):
     def end_epoch(self, epoch):
         if self.alternation == "iteration":
             used = {j: self.cycle[i - 1] for i, j in enumerate(self.cycle)}
-            logs = self._gm_logs(used[self.cycle[0]])
+            logs = self._gm_logs(self.cycle[0], used[self.cycle[0]])
             if self.gm:
                 self.recompute(self.cycle)
             return logs
         j, k, last = self.stage(epoch)
-        logs = {"active": j, **self._gm_logs(k)}
+        logs = {"active": j, **self._gm_logs(j, k)}
         if last and self.gm:
             self.recompute([j])
         return logs
 
-    def _gm_logs(self, k):
-        """How strongly T^(k) acted this epoch: its mean eigenvalue tr(T)/d and ‖T − I‖_F (means over
-        the GM layers) and the mean relative change ‖∇W·T − ∇W‖/‖∇W‖ it made to the gradients."""
+    def _gm_logs(self, j, k):
+        """How strongly T^(k) acted on j this epoch: how many of j's layers it rewrote, its mean
+        eigenvalue tr(T)/d and ‖T − I‖_F (means over the GM layers), and the mean relative change
+        ‖∇W·T − ∇W‖/‖∇W‖ it made to the gradients."""
         if not self.gm:
             return {}
         stats = self._stats(k)
-        logs = {"gm_source": k,
+        logs = {"gm_source": k, "gm_layers": len(self._pairs(j, k)),
                 "gm_T_mean_eig": sum(s["mean_eig"] for s in stats) / len(stats),
                 "gm_T_dist_identity": sum(s["dist_identity"] for s in stats) / len(stats)}
         if self._changes:
