@@ -103,3 +103,21 @@ def test_unknown_dataset_and_modality():
         load_dataset("nope")
     with pytest.raises(MieInputError, match="unknown modality 'audio'"):
         load_dataset("mfeat", ["pix", "audio"])
+
+
+def test_token_samples_need_a_named_text_encoder():
+    import torch
+
+    import mie
+
+    class Posts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {"image": torch.randn(4), "text": torch.randint(0, 50, (2, 6))}, i % 2
+
+    with pytest.raises(mie.MieInputError, match=r"modality text holds token ids; name a text encoder, e\.g\. "
+                                                r"model\.encoders\.text=minilm \(offline\) or "
+                                                r"model\.encoders\.text=\{name: bert, path: DIR\}"):
+        mie.fit({s: Posts() for s in ("train", "val", "test")}, "joint", progress=False)

@@ -211,6 +211,9 @@ def model_spec(cfg, prepared):
         raise MieInputError(f"model.encoders names unknown modality {', '.join(unknown)}; "
                             f"the data has {', '.join(prepared.modalities)}")
     for m in prepared.modalities:
+        if m in prepared.token_modalities and m not in encoders:
+            raise MieInputError(f"modality {m} holds token ids; name a text encoder, e.g. model.encoders.{m}=minilm "
+                                f"(offline) or model.encoders.{m}={{name: bert, path: DIR}}")
         encoders.setdefault(m, default_encoder(prepared.input_shapes[m]))
     return ModelSpec(prepared.modalities, {m: tuple(s) for m, s in prepared.input_shapes.items()},
                      encoders, prepared.num_classes, cfg["model"]["dim"], tuple(cfg["model"]["head_hidden"]),

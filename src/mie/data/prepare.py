@@ -22,6 +22,7 @@ class PreparedData:
     indices: dict = None      # split → indices into the original arrays (array data only)
     standardizer: dict = field(default_factory=dict)   # modality → (mean, std)
     classes: list = None
+    token_modalities: list = field(default_factory=list)   # modalities whose samples are integer ids
 
 
 def load_arrays(cfg, data=None):
@@ -76,5 +77,7 @@ def prepare_datasets(datasets, cfg, name="datasets", how="the given train/val/te
     k = cfg["data"]["num_classes"] or getattr(datasets["train"], "num_classes", None)
     if k is None:
         k = 1 + max(int(torch.as_tensor(datasets["train"][i][1])) for i in range(len(datasets["train"])))
+    tokens = [m for m in modalities if not torch.as_tensor(first[m]).is_floating_point()]
     return PreparedData(dict(datasets), modalities, {m: tuple(np.shape(first[m])) for m in modalities},
-                        int(k), name, how, classes=getattr(datasets["train"], "classes", None))
+                        int(k), name, how, classes=getattr(datasets["train"], "classes", None),
+                        token_modalities=tokens)
