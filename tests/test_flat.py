@@ -162,9 +162,9 @@ def test_input_covariance_hooks_removed_after_exception():
     assert len(lin._forward_hooks) == 0
 
 
-def test_input_covariance_rejects_non_linear():
-    with pytest.raises(TypeError):
-        InputCovariance([nn.Conv1d(2, 2, 3)])
+def test_input_covariance_rejects_layers_without_an_input_matrix():
+    with pytest.raises(TypeError, match="GM takes"):
+        InputCovariance([nn.Conv1d(2, 2, 3, groups=2)])
 
 
 # ---- modify_gradient --------------------------------------------------------------
@@ -236,9 +236,36 @@ def test_conv_gradient_is_modified_as_a_matrix():
 
 def test_layers_gm_cannot_take_are_refused():
     from mie.optim import input_dim
-    for layer in (nn.Conv1d(2, 2, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv3d(1, 1, 3)):
+    for layer in (nn.Conv2d(4, 4, 3, groups=2), nn.Conv1d(1, 1, 3, padding="same"),
+                  nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), nn.BatchNorm1d(3)):
         with pytest.raises(TypeError, match="GM takes"):
             input_dim(layer)
+
+
+def _patch_means_nd(x, kernel, stride, pad, dilation):
+    """Mean patch of an N-d convolution input, by looping over output positions (numpy)."""
+    x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in pad])
+    reach = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    outs = [(n - r) // s + 1 for n, r, s in zip(x.shape[2:], reach, stride)]
+    patches = []
+    for pos in np.ndindex(*outs):
+        index = tuple(slice(p * s, p * s + r, d) for p, s, r, d in zip(pos, stride, reach, dilation))
+        patches.append(x[(slice(None), slice(None)) + index].reshape(len(x), -1))
+    return np.concatenate(patches).mean(axis=0)
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv1d(3, 2, 3, stride=2, padding=1), (4, 3, 9)),
+    (nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)), (3, 2, 7, 6)),
+    (nn.Conv3d(2, 2, (3, 3, 3), stride=(2, 1, 2), padding=(1, 1, 0)), (2, 2, 5, 4, 6)),
+])
+def test_conv_patch_means_of_every_dimension(conv, shape):
+    from mie.optim.flat import input_dim, layer_input_mean
+    x = np.random.default_rng(len(shape)).normal(size=shape)
+    got = layer_input_mean(conv, torch.tensor(x)).numpy()
+    expected = _patch_means_nd(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    assert got.shape == (input_dim(conv),)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
 def test_low_rank_covariance_of_a_wide_layer(monkeypatch):

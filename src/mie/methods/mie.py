@@ -16,9 +16,9 @@ At inference p = fuse(p_1, …, p_m) with "average" or per-sample entropy "weigh
 
 GM rewrites the head's Linear layers by default. ``gm_scope`` s ∈ [0, 1] extends it into the
 encoder, as the paper's Table 4 does (30% of the parameters scored best on CREMA-D): Linear and
-Conv2d layers are added from the last one backwards while the chosen layers' weights hold less
-than s of the modality's parameters, a conv layer's Ȳ being its unfolded-input covariance
-(``mie.optim.flat``). Layers of j and k are paired by position counted from the output; a pair
+convolution (1-, 2-, 3-D) layers are added from the last one backwards while the chosen layers'
+weights hold less than s of the modality's parameters, a conv layer's Ȳ being its unfolded-input
+covariance (``mie.optim.flat``). Layers of j and k are paired by position counted from the output; a pair
 whose d_in differs (e.g. a 1-channel and a 3-channel stem) is left unmodified.
 
 A stage lasts ``epochs_per_stage`` epochs, one number for all modalities or one per modality
@@ -60,7 +60,7 @@ OBJECTIVES = ("paper", "released")
 
 def gm_layers(model, m, scope=0.0):
     """Modality m's layers whose gradients GM rewrites, in forward order: its head's Linears, then
-    its encoder's Linear / Conv2d layers taken from the last backwards while the chosen layers'
+    its encoder's Linear / convolution layers taken from the last backwards while the chosen layers'
     weights hold less than a share ``scope`` ∈ [0, 1] of m's parameters (0: the head alone)."""
     layers = list(model.heads[m].linears)
     total = sum(p.numel() for p in model.modality_parameters(m))

@@ -11,10 +11,10 @@ mini-batch t of the layer's input (shape d_in):
 When modality l is trained, the weight gradient of its layer at the same position, as a matrix
 (out × d_in), becomes ∇W · T^(k). Biases are untouched.
 
-A Linear's input is its input vector (d_in = in_features). A Conv2d's is the unfolded patch
-(d_in = in_channels · kh · kw, the order of ``weight.reshape(out, -1)``), and z̄_t is the mean
-over the batch and every output position: the unfolded-input covariance of Adam-NSCL (Wang et al.,
-CVPR 2021) that the paper names for GM beyond the head.
+A Linear's input is its input vector (d_in = in_features). A convolution's (1-, 2- or 3-D) is
+the unfolded patch (d_in = in_channels · k₁ · …, the order of ``weight.reshape(out, -1)``), and
+z̄_t is the mean over the batch and every output position: the unfolded-input covariance of
+Adam-NSCL (Wang et al., CVPR 2021) that the paper names for GM beyond the head.
 """
 import torch
 import torch.nn.functional as F
@@ -55,26 +55,33 @@ def flat_modification_matrix(cov, tau=0.4):
     return (V * sigma) @ V.T
 
 
-GM_LAYERS = (nn.Linear, nn.Conv2d)
+GM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def input_dim(layer):
     """d_in of a GM layer: the length of the vector its weight matrix multiplies."""
     if isinstance(layer, nn.Linear):
         return layer.in_features
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and not isinstance(layer.padding, str):
-        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-    raise TypeError(f"GM takes nn.Linear and ungrouped nn.Conv2d layers with numeric padding, "
-                    f"got {type(layer).__name__}")
+    if (isinstance(layer, GM_LAYERS[1:]) and layer.groups == 1 and not isinstance(layer.padding, str)
+            and layer.padding_mode == "zeros"):
+        return layer.weight[0].numel()
+    raise TypeError(f"GM takes nn.Linear and ungrouped, zero-padded nn.Conv1d/2d/3d layers with numeric "
+                    f"padding, got {type(layer).__name__}")
 
 
 def layer_input_mean(layer, x):
-    """z̄: the mean of a GM layer's input vectors in one batch, float64 (d_in,)."""
+    """z̄: the mean of a GM layer's input vectors in one batch, float64 (d_in,). For a convolution
+    the vectors are its input patches (C × k₁ × … in the order of ``weight[o]``), one per output
+    position, taken as strided views of the zero-padded input."""
     x = x.detach().to(torch.float64)
-    if isinstance(layer, nn.Conv2d):
-        patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)   # (B, d_in, P)
-        return patches.mean(dim=(0, 2))
-    return x.reshape(-1, layer.in_features).mean(dim=0)
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, layer.in_features).mean(dim=0)
+    n = x.ndim - 2
+    x = F.pad(x, [p for p in reversed(layer.padding) for _ in range(2)])
+    for i in range(n):   # dim 2 + i → output positions; a new last dim → the kernel's reach
+        x = x.unfold(2 + i, layer.dilation[i] * (layer.kernel_size[i] - 1) + 1, layer.stride[i])
+    x = x[(...,) + tuple(slice(None, None, d) for d in layer.dilation)]     # (B, C, O₁…Oₙ, k₁…kₙ)
+    return x.mean(dim=(0, *range(2, 2 + n))).reshape(-1)
 
 
 def flat_modification_from_means(Z, tau=0.4):
