@@ -481,3 +481,25 @@ def test_mie_trains_with_gm_on_the_encoders():
     assert rows[1]["gm_layers"] > 2                                                   # the head's 2 and encoder layers
     with pytest.raises(MieInputError, match="gm_scope must be a share of the parameters in"):
         create_method("mie", gm_scope=1.5)
+
+
+def test_checkpoint_keeps_batch_means_and_rebuilds_T():
+    """A wide conv layer's T is d × d; the checkpoint holds the d × n batch means it came from."""
+    model = _image_model()
+    method = create_method("mie", gm_scope=1.0, sam=False)
+    batches = [({"img": torch.randn(4, 3, 8, 8), "spec": torch.randn(4, 1, 8, 8)}, torch.tensor([0, 1, 2, 0]))
+               for _ in range(3)]
+    ctx = TrainContext(["img", "spec"], torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1),
+                       lambda: iter(batches), None, 1, 1)
+    method.setup(model, ctx)
+    method.recompute(["img"])
+    state = method.state_dict()
+    assert state["means"]["spec"] is None
+    widest = max(state["means"]["img"], key=lambda z: z.shape[0])
+    assert widest.shape[1] == 3 and widest.shape[0] > 3                 # d × n, n = 3 batches
+    again = create_method("mie", gm_scope=1.0, sam=False)
+    again.setup(_image_model(), ctx)
+    again.load_state_dict(state)
+    for t, u in zip(method.T["img"], again.T["img"]):
+        assert torch.equal(t, u)
+    assert all(torch.equal(t, torch.eye(t.shape[0], dtype=torch.float64)) for t in again.T["spec"])

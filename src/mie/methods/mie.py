@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from ..optim import (GM_LAYERS, SAM, InputCovariance, frozen_batchnorm_stats, input_dim, matrix_stats,
-                     modify_gradient)
+from ..optim import (GM_LAYERS, SAM, InputCovariance, flat_modification_from_means, frozen_batchnorm_stats,
+                     input_dim, matrix_stats, modify_gradient)
 from .base import Method, require_two_modalities
 
 ALTERNATIONS = ("stage", "iteration")
@@ -137,6 +137,7 @@ class MIE(Method):
             self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive) if self.sam else base
         self.layers = {m: gm_layers(model, m, self.gm_scope) for m in order}
         self.T = {m: [torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] for m in order}
+        self.means = {m: None for m in order}   # the batch means T^(m) was made from (None: T = I)
         self._stats_cache = {}
         self._T_device = {}
 
@@ -274,16 +275,21 @@ class MIE(Method):
                     self.model.forward_modality(m, xs[m])
         self.model.train(was_training)
         for m, c in collectors.items():   # every rank passed over all the data: nothing to reduce
+            self.means[m] = [c.batch_means(i) for i in range(len(self.layers[m]))]
             self.T[m] = c.flat_matrices(self.tau)
             self._T_device.pop(m, None)
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
         return {"optimizers": {m: o.state_dict() for m, o in self.optimizers.items()},
-                "T": {m: [t.clone() for t in ts] for m, ts in self.T.items()}}
+                "means": {m: None if z is None else [a.clone() for a in z] for m, z in self.means.items()}}
 
     def load_state_dict(self, state):
         for m, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][m])
-        self.T = {m: list(ts) for m, ts in state["T"].items()}
+        # T is rebuilt from the batch means (d × n): far smaller than T (d × d) for wide conv layers
+        self.means = {m: None if z is None else list(z) for m, z in state["means"].items()}
+        self.T = {m: ([torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] if z is None
+                      else [flat_modification_from_means(a, self.tau) for a in z])
+                  for m, z in self.means.items()}
         self._T_device = {}
