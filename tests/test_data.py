@@ -121,3 +121,14 @@ def test_token_samples_need_a_named_text_encoder():
                                                 r"model\.encoders\.text=minilm \(offline\) or "
                                                 r"model\.encoders\.text=\{name: bert, path: DIR\}"):
         mie.fit({s: Posts() for s in ("train", "val", "test")}, "joint", progress=False)
+
+
+def test_carve_validation_is_stratified_and_checked():
+    from mie.data.splits import carve_validation
+    labels = np.repeat([0, 1, 2], 10)
+    keep, carved = carve_validation(labels, 0.2, seed=0)
+    assert sorted(np.concatenate([keep, carved]).tolist()) == list(range(30))
+    assert np.bincount(labels[carved]).tolist() == [2, 2, 2]
+    for bad in (0, 1.0):
+        with pytest.raises(MieInputError, match="carve_val must be in"):
+            carve_validation(labels, bad, seed=0)

@@ -4,7 +4,6 @@ import re
 import pytest
 import torch
 
-import mie
 from conftest import make_arrays
 from mie.errors import MieInputError
 from mie.models import ModelSpec, build_encoders, create_encoder

@@ -30,7 +30,7 @@ from ..errors import MieInputError
 from .audio import cremad_spectrogram, read_wav
 from .disk import DiskBenchmark
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
-from .splits import stratified_split
+from .splits import carve_validation, stratified_split
 from .video import read_frames, spaced_frames
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
@@ -173,7 +173,7 @@ def standard_split(names, lists, seed, carve_val):
     if set(train) & set(test):
         raise MieInputError(f"{lists}: train.csv and test.csv share clips, e.g. {sorted(set(train) & set(test))[0]}")
     labels = np.array([parse_clip(n).label for n in train])
-    keep, carved = stratified_split(labels, [1 - carve_val, carve_val], seed)
+    keep, carved = carve_validation(labels, carve_val, seed)
     return {"train": [train[i] for i in keep], "val": [train[i] for i in carved], "test": test}
 
 

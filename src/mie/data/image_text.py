@@ -39,7 +39,7 @@ from ..errors import MieInputError
 from ..io import atomic_path, write_json
 from ..models.text import load_tokenizer
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
-from .splits import stratified_split
+from .splits import carve_validation
 
 SPLITS = ("train", "val", "test")
 NORMALIZE = {   # (mean, std) per RGB channel
@@ -244,10 +244,8 @@ def post_datasets(prepared, benchmark, classes, seed, carve_val=0.2, normalize="
     if "train" not in arrays or "test" not in arrays:
         raise MieInputError(f"{prepared} has no train.npz or test.npz; run `mie prepare {benchmark}` again")
     if "val" not in arrays:
-        if not 0 < carve_val < 1:
-            raise MieInputError(f"carve_val must be in (0, 1), got {carve_val}")
         train = arrays["train"]
-        keep, carved = stratified_split(train["label"], [1 - carve_val, carve_val], seed)
+        keep, carved = carve_validation(train["label"], carve_val, seed)
         arrays["train"] = {k: v[keep] for k, v in train.items()}
         arrays["val"] = {k: v[carved] for k, v in train.items()}
     return {s: PostDataset(prepared, **arrays[s], classes=classes, normalize=normalize) for s in SPLITS}

@@ -59,7 +59,7 @@ from .audio import read_audio_track, read_wav, resample
 from .disk import DiskBenchmark
 from .fbank import kaldi_fbank
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
-from .splits import stratified_split
+from .splits import carve_validation
 from .video import read_frames, spaced_frames
 
 RATE = 16_000
@@ -263,10 +263,8 @@ def kinetics_sounds_datasets(prepared, seed, carve_val=0.2, frames=3, norm="data
     manifest = json.loads((prepared / "splits.json").read_text())
     parts = {split: [tuple(c) for c in manifest[split]] for split in SPLITS if split in manifest}
     if "val" not in parts:
-        if not 0 < carve_val < 1:
-            raise MieInputError(f"carve_val must be in (0, 1), got {carve_val}")
         train = parts["train"]
-        keep, carved = stratified_split(np.array([label for _, label in train]), [1 - carve_val, carve_val], seed)
+        keep, carved = carve_validation([label for _, label in train], carve_val, seed)
         parts["train"], parts["val"] = [train[i] for i in keep], [train[i] for i in carved]
     empty = [split for split in SPLITS if not parts[split]]
     if empty:

@@ -53,7 +53,7 @@ from ..errors import MieInputError
 from ..io import write_text
 from .disk import DiskBenchmark
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
-from .splits import stratified_split
+from .splits import carve_validation
 from .video import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = tuple(f"class_{i:02d}" for i in range(1, 26))
@@ -338,13 +338,11 @@ def nvgesture_datasets(prepared, seed, carve_val=0.2, modalities=None, frames=(6
     if isinstance(crop, bool) or not isinstance(crop, int) or not 1 <= crop <= size:
         raise MieInputError(f"crop must be an integer in 1…{size} (the prepared size), got {crop!r}")
     train_frames, eval_frames = _frame_counts(frames)
-    if not 0 < carve_val < 1:
-        raise MieInputError(f"carve_val must be in (0, 1), got {carve_val}")
     train = [r for r in rows if r["split"] == "train"]
     test = [r for r in rows if r["split"] == "test"]
     if not train or not test:
         raise MieInputError(f"{prepared} needs clips of both lists; it has {len(train)} train and {len(test)} test")
-    keep, carved = stratified_split(np.array([int(r["label"]) for r in train]), [1 - carve_val, carve_val], seed)
+    keep, carved = carve_validation([int(r["label"]) for r in train], carve_val, seed)
     parts = {"train": [train[i] for i in keep], "val": [train[i] for i in carved], "test": test}
     return {s: NVGestureDataset(prepared, [r["key"] for r in part], [int(r["label"]) for r in part], modalities,
                                 train_frames if s == "train" else eval_frames, crop, train=s == "train")

@@ -26,6 +26,15 @@ def stratified_split(y, fractions, seed):
     return [np.sort(np.concatenate(p)) if p else np.array([], dtype=np.int64) for p in parts]
 
 
+def carve_validation(labels, carve_val, seed):
+    """(keep, carved): indices into a train split's ``labels``, with ``carve_val`` of them
+    (stratified by label, from ``seed``) carved out as validation."""
+    if not 0 < carve_val < 1:
+        raise MieInputError(f"carve_val must be in (0, 1), got {carve_val}")
+    keep, carved = stratified_split(np.asarray(labels), [1 - carve_val, carve_val], seed)
+    return keep, carved
+
+
 def resolve_split(data, seed, val_fraction=0.15, test_fraction=0.15, carve_val=0.2):
     """Indices {"train", "val", "test"} and a sentence saying how they were made.
 
@@ -45,9 +54,7 @@ def resolve_split(data, seed, val_fraction=0.15, test_fraction=0.15, carve_val=0
         train, val, test = (np.flatnonzero(data.split == s) for s in (TRAIN, VAL, TEST))
         how = "the data's own split"
         if len(val) == 0 and len(train) > 0:
-            if not 0 < carve_val < 1:
-                raise MieInputError(f"carve_val must be in (0, 1), got {carve_val}")
-            keep, carved = stratified_split(y[train], [1 - carve_val, carve_val], seed)
+            keep, carved = carve_validation(y[train], carve_val, seed)
             train, val = train[keep], train[carved]
             how = f"the data's own train/test split; {carve_val:.0%} of train (stratified, seed {seed}) as validation"
     indices = {"train": train, "val": val, "test": test}
