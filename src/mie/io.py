@@ -49,3 +49,17 @@ def csv_text(rows):
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def read_torch(path, map_location, what):
+    """``torch.load`` of a file this library wrote; a missing or damaged file is one ``MieInputError``
+    naming ``what`` it should have been."""
+    from .errors import MieInputError
+    path = Path(path)
+    if not path.is_file():
+        raise MieInputError(f"no such file: {path} ({what})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:   # truncated or overwritten files fail in pickle, zipfile or torch itself
+        raise MieInputError(f"cannot read {path} ({what}): the file is damaged or not a mie checkpoint "
+                            f"({type(e).__name__})") from None

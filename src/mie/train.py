@@ -1,13 +1,14 @@
 """The training loop, the same for every method: epochs, validation, checkpoints, logs, resume.
 
-    data  → three Datasets (train / val / test) of ({modality: tensor}, label)
-    model = method.build_model(spec); method.setup(model, ctx)
-    for each epoch: method.train_step(batch) …; method.end_epoch(); evaluate on validation;
-                    keep the best checkpoint by validation; write history.csv and last.pt
-    test is evaluated once, at the end, with the checkpoint validation chose.
+    prepared = mie.data.prepare_run(cfg, data)           train / val / test Datasets
+    run      = Run(cfg, prepared, device, out_dir)       model, method, loaders, optimizers
+    run.restore(resume)
+    for each epoch:
+        row = run.train_epoch(epoch)                     method.training_step per batch, end_epoch
+        run.validate(epoch, row)                         the loop's own pass; method.on_validation
+        run.keep_best(epoch, ...); run.save_epoch(row)   best checkpoint by validation; last.pt
+    run.test()                                           the checkpoint validation chose, read once
 """
-import contextlib
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -20,13 +21,14 @@ from tqdm.auto import tqdm
 
 from . import config as config_mod
 from . import distributed
-from .data import DISK_DATASETS, call_with_options
-from .data.prepare import load_arrays, prepare_arrays, prepare_datasets
-from .errors import MieInputError
-from .io import atomic_path, csv_text, save_torch, write_json, write_text
-from .methods import create_method
+from .data.prepare import prepare_run
+from .errors import MieInputError, TrainingDivergedError
+from .io import atomic_path, csv_text, read_torch, save_torch, write_json, write_text
+from .methods import Batch, Step, create_method
 from .metrics import classification_metrics
-from .models import ModelSpec, default_encoder
+from .models import eval_mode
+from .models.spec import model_spec
+from .optim import autocast_forwards
 
 
 @dataclass
@@ -34,9 +36,9 @@ class TrainContext:
     """What the loop offers a method during ``setup``."""
     modalities: list
     device: torch.device
-    make_optimizer: callable     # params → torch.optim.Optimizer configured from train.*
-    train_batches: callable      # () → iterator over unshuffled training batches (xs, y) on device
-    val_batches: callable        # () → the same over validation (for methods that monitor it)
+    make_optimizer: callable     # (params or param groups, lr=None) → torch.optim.Optimizer from train.*
+    train_batches: callable      # () → iterator over unshuffled training ``Batch``es on device
+    evaluate: callable           # split → the metrics dict of the model as it is now (cached)
     epochs_per_modality: int
     steps_per_epoch: int
 
@@ -53,104 +55,98 @@ def resolve_device(name):
     return device
 
 
-def optimizer_factory(train):
-    def make(params):
-        params = list(params)
-        if train["optimizer"] == "sgd":
-            return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"],
-                                   weight_decay=train["weight_decay"])
-        cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
-        return cls(params, lr=train["lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"])
-    return make
+class Optimizers:
+    """Every optimizer a method builds (``make``): configured from ``train.*``, averaging gradients over
+    the ranks before each step under torchrun, and given its learning rates by the loop:
+    group lr = initial lr × schedule factor × ``method.lr_scale(group name)`` (``apply``)."""
 
+    def __init__(self, train):
+        self.train = train
+        self.built = []          # (optimizer, initial lr of each group)
 
-def recording(make):
-    """``make`` that also keeps every optimizer it builds in ``.optimizers`` (for the schedule)
-    and, under torchrun, makes it average gradients over the ranks before each step."""
-    def make_and_keep(params):
-        optimizer = make(params)
-        make_and_keep.optimizers.append(optimizer)
+    def make(self, params, lr=None):
+        t = self.train
+        params, lr = list(params), t["lr"] if lr is None else lr
+        if t["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
+        else:
+            cls = torch.optim.AdamW if t["optimizer"] == "adamw" else torch.optim.Adam
+            optimizer = cls(params, lr=lr, betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
         if distributed.world_size() > 1:
             distributed.average_gradients_before_step(optimizer)
+        self.built.append((optimizer, [g["lr"] for g in optimizer.param_groups]))
         return optimizer
-    make_and_keep.optimizers = []
-    return make_and_keep
+
+    def apply(self, factor, method):
+        for optimizer, initial in self.built:
+            for group, lr in zip(optimizer.param_groups, initial):
+                group["lr"] = lr * factor * method.lr_scale(group.get("name"))
 
 
-def apply_lr_factor(optimizers, factor):
-    """Scale every group's lr to ``factor`` × its unscheduled value; what a method set itself
-    (MSLR's rates, MSES's stops) is kept, as groups remember the factor they carry."""
-    for optimizer in optimizers:
-        for g in optimizer.param_groups:
-            g["lr"] = g["lr"] * factor / g.get("lr_factor", 1.0)
-            g["lr_factor"] = factor
-
-
-def to_device(batch, device, modalities):
-    xs, y = batch
-    return {m: xs[m].to(device, non_blocking=True) for m in modalities}, y.to(device, non_blocking=True)
+def schedule_factor(train, schedule_epoch):
+    """lr_gamma^⌊e / lr_step⌋ for the method's schedule epoch e (1 without a step schedule)."""
+    return train["lr_gamma"] ** (schedule_epoch // train["lr_step"]) if train["lr_step"] else 1.0
 
 
 def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0, seed=0):
-    """Evaluation loaders keep every sample; the training loader drops a last batch of one
-    sample (BatchNorm cannot train on it) and nothing else. Under torchrun the training loader
-    gives each rank its shard of every epoch's permutation (``sampler.set_epoch``)."""
+    """Evaluation loaders keep every sample and draw nothing from torch's global random state (their
+    own ``generator``), so evaluating never changes a run's random numbers; the training loader drops
+    a last batch of one sample (BatchNorm cannot train on it) and nothing else. Under torchrun the
+    training loader gives each rank its shard of every epoch's permutation (``sampler.set_epoch``)."""
     sampler = None
     if shuffle and distributed.world_size() > 1:
         sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=seed)
     drop_last = shuffle and len(sampler or dataset) % batch_size == 1
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      generator=generator, num_workers=num_workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available())
+                      generator=generator if shuffle else torch.Generator(), num_workers=num_workers,
+                      drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
 
-def autocast(device, amp):
-    """Mixed precision for forward passes: ``amp`` "bf16" (bfloat16 autocast; parameters, gradients,
-    optimizer states and GM covariances stay float32/float64, so no loss scaling is needed) or "off"."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def to_device(batch, device, modalities):
+    xs, y = batch
+    return Batch({m: xs[m].to(device, non_blocking=True) for m in modalities}, y.to(device, non_blocking=True))
 
 
 @torch.no_grad()
-def predict_all(method, data_loader, device, modalities, amp="off"):
+def predict_all(method, data_loader, device, modalities):
     """Fused (N, K) and per-modality {m: (N, K)} probabilities, and labels (N,), over a loader."""
-    method.model.eval()
     fused, per, ys = [], {m: [] for m in modalities}, []
-    for batch in data_loader:
-        xs, y = to_device(batch, device, modalities)
-        with autocast(device, amp):
+    with eval_mode(method.model):
+        for batch in data_loader:
+            xs, y = to_device(batch, device, modalities)
             f, p = method.predict(xs)
-        fused.append(f.float().cpu())
-        for m in modalities:
-            per[m].append(p[m].float().cpu())
-        ys.append(y.cpu())
+            fused.append(f.float().cpu())
+            for m in modalities:
+                per[m].append(p[m].float().cpu())
+            ys.append(y.cpu())
     return (torch.cat(fused).numpy(), {m: torch.cat(v).numpy() for m, v in per.items()},
             torch.cat(ys).numpy())
 
 
-def evaluate(method, data_loader, device, modalities, amp="off"):
-    """The metrics dict (accuracy, macro_f1, map, per_modality) of ``method`` on a loader."""
-    fused, per, y = predict_all(method, data_loader, device, modalities, amp)
+def evaluate(method, data_loader, device, modalities):
+    """The metrics dict (accuracy, macro_f1, map, loss, per_modality) of ``method`` on a loader."""
+    fused, per, y = predict_all(method, data_loader, device, modalities)
     broken = [m for m, p in per.items() if not np.isfinite(p).all()] or ([] if np.isfinite(fused).all() else ["fused"])
     if broken:
-        raise MieInputError(f"{method.name} predicts NaN/inf for {', '.join(broken)}: training diverged "
-                            f"(a lower train.lr, or inputs of a sensible scale, usually help)")
+        raise TrainingDivergedError(f"{method.name} predicts NaN/inf for {', '.join(broken)}: training diverged "
+                                    f"(a lower train.lr, or inputs of a sensible scale, usually help)")
     return classification_metrics(fused, per, y)
 
 
-def _flat_val(metrics):
-    row = {f"val_{k}": metrics[k] for k in ("accuracy", "macro_f1", "map")}
-    row.update({f"val_acc_{m}": v["accuracy"] for m, v in metrics["per_modality"].items()})
-    return row
+class EpochLogs:
+    """Per-step scalars summed on their device (float64) and read to the host once, at the epoch end."""
 
+    def __init__(self):
+        self.sums, self.counts = {}, {}
 
-def _tensorboard(out_dir, purge_step):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge_step)
+    def add(self, logs):
+        for k, v in logs.items():
+            v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self):
+        return {k: float(v) / self.counts[k] for k, v in self.sums.items()}
 
 
 def fit(data=None, method=None, *, config=None, out_dir=None, resume=False, seed=None, epochs=None,
@@ -175,186 +171,208 @@ def fit(data=None, method=None, *, config=None, out_dir=None, resume=False, seed
     return run(cfg, data, out_dir=out_dir, resume=resume, callbacks=callbacks, progress=progress)
 
 
-def disk_datasets(cfg):
-    """{"train", "val", "test"} of the benchmark cfg data.dataset, read from cfg data.root."""
-    d = cfg["data"]
-    if not d["root"]:
-        raise MieInputError(f"dataset '{d['dataset']}' is read from disk: pass --root DIR "
-                            "(the folder `mie prepare` wrote)")
-    bench = DISK_DATASETS[d["dataset"]]
-    generic = {"carve_val": d["carve_val"]}
-    if "modalities" in inspect.signature(bench.datasets).parameters:
-        generic["modalities"] = d["modalities"]
-    return call_with_options(bench.datasets, f"dataset '{bench.name}'", d["options"], d["root"],
-                             cfg["train"]["seed"], **generic)
-
-
-def prepare(cfg, data=None):
-    if data is None and cfg["data"]["dataset"] in DISK_DATASETS:
-        d = cfg["data"]
-        return prepare_datasets(disk_datasets(cfg), cfg, d["dataset"],
-                                f"{d['dataset']} prepared in {d['root']}, seed {cfg['train']['seed']}, "
-                                f"options {d['options'] or '(defaults)'}")
-    if cfg["data"]["options"]:
-        raise MieInputError("data.options are read by benchmarks on disk only (mie datasets lists them)")
-    if isinstance(data, dict):
-        return prepare_datasets(data, cfg)
-    return prepare_arrays(load_arrays(cfg, data), cfg)
-
-
-def model_spec(cfg, prepared):
-    encoders = dict(cfg["model"]["encoders"])
-    if cfg["data"]["modalities"]:   # a chosen subset: encoders of the other modalities are not needed
-        encoders = {m: e for m, e in encoders.items() if m in prepared.modalities}
-    unknown = sorted(set(encoders) - set(prepared.modalities))
-    if unknown:
-        raise MieInputError(f"model.encoders names unknown modality {', '.join(unknown)}; "
-                            f"the data has {', '.join(prepared.modalities)}")
-    for m in prepared.modalities:
-        if m in prepared.token_modalities and m not in encoders:
-            raise MieInputError(f"modality {m} holds token ids; name a text encoder, e.g. model.encoders.{m}=minilm "
-                                f"(offline) or model.encoders.{m}={{name: bert, path: DIR}}")
-        encoders.setdefault(m, default_encoder(prepared.input_shapes[m]))
-    return ModelSpec(prepared.modalities, {m: tuple(s) for m, s in prepared.input_shapes.items()},
-                     encoders, prepared.num_classes, cfg["model"]["dim"], tuple(cfg["model"]["head_hidden"]),
-                     cfg["model"]["pretrained"])
-
-
 def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=None):
     """``fit`` with an already-validated config; the CLI and ``mie compare`` call this."""
-    train_cfg, mcfg = cfg["train"], dict(cfg["method"])
-    seed = train_cfg["seed"]
-    if train_cfg["threads"] is not None:
-        torch.set_num_threads(train_cfg["threads"])
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    device, amp = distributed.start(resolve_device(train_cfg["device"])), train_cfg["amp"]
-    main = distributed.rank() == 0     # the rank that writes files and shows progress
-    prepared = prepare(cfg, data)
-    modalities = prepared.modalities
-    spec = model_spec(cfg, prepared)
-    method = create_method(mcfg.pop("name"), **mcfg)
-    model = method.build_model(spec).to(device)
-
-    generator = torch.Generator().manual_seed(seed)
-    bs, workers = train_cfg["batch_size"], train_cfg["num_workers"]
-    train_loader = loader(prepared.datasets["train"], bs, True, generator, workers, seed)
-    eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
-
-    def batches(split):
-        return lambda: (to_device(batch, device, modalities) for batch in eval_loaders[split])
-
-    make_optimizer = recording(optimizer_factory(train_cfg))
-    ctx = TrainContext(modalities, device, make_optimizer, batches("train"), batches("val"),
-                       train_cfg["epochs"], len(train_loader))
-    method.setup(model, ctx)
-    num_epochs = method.num_epochs(train_cfg["epochs"])
-
-    out = Path(out_dir) if out_dir is not None else None
-    state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "history": [], "seconds": 0.0,
-             "best_val": None}
-    best_state = None
-    if out is not None:
-        last = out / "checkpoints" / "last.pt"
-        if last.exists() and not resume:
-            raise MieInputError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        if resume and last.exists():
-            ckpt = torch.load(last, map_location=device, weights_only=False)
-            if ckpt["config"] != cfg:
-                raise MieInputError(f"{last} was written with another config; resume with the same settings")
-            model.load_state_dict(ckpt["model"])
-            method.load_state_dict(ckpt["method"])
-            generator.set_state(ckpt["generator"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            state = ckpt["loop"]
-            best_state = torch.load(out / "checkpoints" / "best.pt", map_location="cpu",
-                                    weights_only=False)["model"]
-        if main:
-            write_text(out / "config.yaml", config_mod.dump(cfg))
-            if prepared.indices is not None:
-                _save_split(out, prepared)
-    save = out is not None and main
-
-    writer = _tensorboard(out, state["epoch"]) if save else None
-    bar = tqdm(range(state["epoch"], num_epochs), initial=state["epoch"], total=num_epochs,
-               desc=f"{method.name} seed {seed}", leave=False,
-               disable=True if not main else (None if progress is None else not progress))
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
-        method.start_epoch(epoch)
-        step, gamma = train_cfg["lr_step"], train_cfg["lr_gamma"]
-        lr_factor = gamma ** (method.schedule_epoch(epoch) // step) if step else 1.0
-        apply_lr_factor(make_optimizer.optimizers, lr_factor)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        sums, counts = {}, {}
-        for batch in train_loader:
-            with autocast(device, amp):
-                logs = method.train_step(*to_device(batch, device, modalities))
-            for k, v in logs.items():
-                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
-        row = {"epoch": epoch + 1, **{k: v / counts[k] for k, v in sums.items()}}
-        if step:
-            row["lr_factor"] = lr_factor
-        if distributed.world_size() > 1:
-            distributed.average_buffers(model)
-        with autocast(device, amp):
-            row.update(method.end_epoch(epoch))
-        val = distributed.from_rank0(evaluate(method, eval_loaders["val"], device, modalities, amp))
-        row.update(_flat_val(val))
-        state["seconds"] += time.perf_counter() - t0
-        row["seconds"] = state["seconds"]
-        score = val[train_cfg["select_on"]]
-        if score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch + 1, best_val=val)
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if save:
-                save_torch(out / "checkpoints" / "best.pt", checkpoint_payload(cfg, spec, prepared, best_state,
-                                                                                epoch + 1))
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        if save:
-            write_text(out / "history.csv", csv_text(state["history"]))
-            save_torch(out / "checkpoints" / "last.pt",
-                       {"config": cfg, "model": model.state_dict(), "method": method.state_dict(),
-                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                        "loop": state})
-        if writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    writer.add_scalar(k, v, epoch + 1)
-            writer.flush()
-        bar.set_postfix(val_acc=f"{val['accuracy']:.3f}")
+    out = output_folder(out_dir)
+    device = start_process(cfg["train"])
+    prepared = prepare_run(cfg, data)
+    r = Run(cfg, prepared, device, out)
+    r.restore(resume)
+    for epoch in r.epochs(progress):
+        row = r.train_epoch(epoch)
+        r.validate(epoch, row)
+        r.save_epoch(row)
         for callback in callbacks:
             callback(epoch, row)
-    bar.close()
-    if writer is not None:
-        writer.close()
-
-    model.load_state_dict(best_state)
-    test = distributed.from_rank0(evaluate(method, eval_loaders["test"], device, modalities, amp))
-    result = {"method": method.name, "method_params": method.hparams(), "seed": seed,
-              "data": prepared.name, "modalities": modalities, "num_classes": prepared.num_classes,
-              "split": {"how": prepared.split_how,
-                        "sizes": {s: len(d) for s, d in prepared.datasets.items()}},
-              "epochs_per_modality": train_cfg["epochs"], "loop_epochs": num_epochs,
-              "best_epoch": state["best_epoch"], "select_on": train_cfg["select_on"],
-              "val": state["best_val"], "test": test, "seconds": round(state["seconds"], 3),
-              "device": str(device), "processes": distributed.world_size()}
-    if save:
-        write_json(out / "metrics.json", result)
-    return result
+    return r.finish()
 
 
-def _save_split(out, prepared):
-    """split.npz: the train / val / test indices into the original arrays."""
-    with atomic_path(out / "split.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **prepared.indices)
+def output_folder(out_dir):
+    """``out_dir`` as a Path (None: nothing is written); refuses a path that is a file."""
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MieInputError(f"--out {out} is a file; expected a folder for the run's outputs")
+    return out
 
 
-def checkpoint_payload(cfg, spec, prepared, model_state, epoch):
-    """What ``mie eval`` needs to rebuild and re-run a model without the training state."""
-    return {"config": cfg, "spec": vars(spec), "model": model_state, "epoch": epoch,
-            "standardizer": prepared.standardizer, "classes": prepared.classes}
+def start_process(train):
+    """Threads, seeds, and the device of this process (joining torchrun's group when there is one)."""
+    if train["threads"] is not None:
+        torch.set_num_threads(train["threads"])
+    torch.manual_seed(train["seed"])
+    np.random.seed(train["seed"] % 2**32)
+    return distributed.start(resolve_device(train["device"]))
+
+
+class Run:
+    """One training run: its model, method, loaders and optimizers, and the loop's state."""
+
+    def __init__(self, cfg, prepared, device, out):
+        self.cfg, self.prepared, self.device, self.out = cfg, prepared, device, out
+        self.train_cfg = t = cfg["train"]
+        self.main = distributed.rank() == 0       # the rank that writes files and shows progress
+        self.modalities = prepared.modalities
+        self.spec = model_spec(cfg["model"], prepared, cfg["data"]["modalities"])
+        params = dict(cfg["method"])
+        self.method = create_method(params.pop("name"), **params)
+        self.model = self.method.build_model(self.spec).to(device)
+        if t["amp"] == "bf16":
+            autocast_forwards(self.model, device)
+
+        self.generator = torch.Generator().manual_seed(t["seed"])
+        bs, workers = t["batch_size"], t["num_workers"]
+        self.train_loader = loader(prepared.datasets["train"], bs, True, self.generator, workers, t["seed"])
+        self.eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
+        self.optimizers = Optimizers(t)
+        self.model_version, self._evaluated = 0, {}
+        ctx = TrainContext(self.modalities, device, self.optimizers.make, self.train_batches, self.evaluate,
+                           t["epochs"], len(self.train_loader))
+        self.method.setup(self.model, ctx)
+        self.num_epochs = self.method.num_epochs(t["epochs"])
+        self.state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "history": [], "seconds": 0.0,
+                      "best_val": None}
+        self.best_model = None
+        self.writer = None
+
+    # ---- what the method gets through the context ---------------------------------------
+    def train_batches(self):
+        return (to_device(batch, self.device, self.modalities) for batch in self.eval_loaders["train"])
+
+    def evaluate(self, split):
+        """Metrics of the model as it is now on ``split``; computed once per state of the model."""
+        cached = self._evaluated.get(split)
+        if cached is None or cached[0] != self.model_version:
+            metrics = distributed.from_rank0(evaluate(self.method, self.eval_loaders[split], self.device,
+                                                      self.modalities))
+            self._evaluated[split] = cached = (self.model_version, metrics)
+        return cached[1]
+
+    def model_changed(self):
+        self.model_version += 1
+
+    # ---- stages ------------------------------------------------------------------------
+    def restore(self, resume):
+        """Continue from out/checkpoints/last.pt when resuming; write config.yaml and split.npz."""
+        if self.out is None:
+            return
+        last = self.out / "checkpoints" / "last.pt"
+        if last.exists() and not resume:
+            raise MieInputError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
+        if resume and last.exists():
+            ckpt = read_torch(last, self.device, "the run's last checkpoint")
+            if not isinstance(ckpt, dict) or ckpt.get("config") != self.cfg:
+                raise MieInputError(f"{last} was written with another config; resume with the same settings")
+            self.model.load_state_dict(ckpt["model"])
+            self.method.load_state_dict(ckpt["method"])
+            self.generator.set_state(ckpt["generator"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            self.state = ckpt["loop"]
+            self.best_model = read_torch(self.out / "checkpoints" / "best.pt", "cpu", "the run's best checkpoint")["model"]
+        if self.main:
+            write_text(self.out / "config.yaml", config_mod.dump(self.cfg))
+            if self.prepared.indices is not None:
+                with atomic_path(self.out / "split.npz") as tmp, open(tmp, "wb") as f:
+                    np.savez(f, **self.prepared.indices)
+            self.writer = _tensorboard(self.out, self.state["epoch"])
+
+    def epochs(self, progress):
+        start = self.state["epoch"]
+        self.bar = tqdm(range(start, self.num_epochs), initial=start, total=self.num_epochs,
+                        desc=f"{self.method.name} seed {self.train_cfg['seed']}", leave=False,
+                        disable=True if not self.main else (None if progress is None else not progress))
+        return self.bar
+
+    def train_epoch(self, epoch):
+        """The method's steps over one shuffled pass of the training data, then its ``end_epoch``."""
+        t0 = time.perf_counter()
+        method, t = self.method, self.train_cfg
+        self.model.train()
+        method.start_epoch(epoch)
+        factor = schedule_factor(t, method.schedule_epoch(epoch))
+        self.optimizers.apply(factor, method)
+        if isinstance(self.train_loader.sampler, DistributedSampler):
+            self.train_loader.sampler.set_epoch(epoch)
+        logs, n = EpochLogs(), len(self.train_loader)
+        for index, batch in enumerate(self.train_loader):
+            step = Step(epoch, index, n, epoch * n + index)
+            logs.add(method.training_step(to_device(batch, self.device, self.modalities), step))
+            self.model_changed()
+        row = {"epoch": epoch + 1, **logs.means()}
+        if t["lr_step"]:
+            row["lr_factor"] = factor
+        if distributed.world_size() > 1:
+            distributed.average_buffers(self.model)
+        row.update(method.end_epoch(epoch))
+        self.model_changed()
+        self.state["seconds"] += time.perf_counter() - t0
+        return row
+
+    def validate(self, epoch, row):
+        """The loop's validation pass, the method's ``on_validation``, and the best checkpoint so far."""
+        t0 = time.perf_counter()
+        val = self.evaluate("val")
+        row.update(self.method.on_validation(epoch, val))
+        row.update({f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "map")})
+        row.update({f"val_acc_{m}": v["accuracy"] for m, v in val["per_modality"].items()})
+        score = val[self.train_cfg["select_on"]]
+        if score > self.state["best_score"]:
+            self.state.update(best_score=score, best_epoch=epoch + 1, best_val=val)
+            self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            if self.out is not None and self.main:
+                save_torch(self.out / "checkpoints" / "best.pt", self.checkpoint(self.best_model, epoch + 1))
+        self.state["seconds"] += time.perf_counter() - t0
+        row["seconds"] = self.state["seconds"]
+        self.bar.set_postfix(val_acc=f"{val['accuracy']:.3f}")
+
+    def save_epoch(self, row):
+        """history.csv, last.pt and TensorBoard scalars after each epoch."""
+        self.state["history"].append(row)
+        self.state["epoch"] = row["epoch"]
+        if self.out is None or not self.main:
+            return
+        write_text(self.out / "history.csv", csv_text(self.state["history"]))
+        save_torch(self.out / "checkpoints" / "last.pt",
+                   {"config": self.cfg, "model": self.model.state_dict(), "method": self.method.state_dict(),
+                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "loop": self.state})
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def finish(self):
+        """Test metrics of the checkpoint validation chose, read once; metrics.json."""
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.model.load_state_dict(self.best_model)
+        self.model_changed()
+        test = self.evaluate("test")
+        s, t = self.state, self.train_cfg
+        result = {"method": self.method.name, "method_params": self.method.hparams(), "seed": t["seed"],
+                  "data": self.prepared.name, "modalities": self.modalities, "num_classes": self.prepared.num_classes,
+                  "split": {"how": self.prepared.split_how,
+                            "sizes": {k: len(d) for k, d in self.prepared.datasets.items()}},
+                  "epochs_per_modality": t["epochs"], "loop_epochs": self.num_epochs,
+                  "best_epoch": s["best_epoch"], "select_on": t["select_on"],
+                  "val": s["best_val"], "test": test, "seconds": round(s["seconds"], 3),
+                  "device": str(self.device), "processes": distributed.world_size()}
+        if self.out is not None and self.main:
+            write_json(self.out / "metrics.json", result)
+        return result
+
+    def checkpoint(self, model_state, epoch):
+        """What ``mie eval`` needs to rebuild and re-run a model without the training state."""
+        return {"config": self.cfg, "spec": vars(self.spec), "model": model_state, "epoch": epoch,
+                "standardizer": self.prepared.standardizer, "classes": self.prepared.classes}
+
+
+def _tensorboard(out_dir, purge_step):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge_step)

@@ -1,4 +1,6 @@
-"""From a config and some data to the three torch Datasets a run trains and evaluates on."""
+"""From a config and some data to the three torch Datasets a run trains and evaluates on:
+``prepare_run(cfg, data)`` is the one call the training loop makes."""
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -6,6 +8,7 @@ import torch
 
 from ..errors import MieInputError
 from .arrays import MultimodalArrays, load_npz
+from .disk import call_with_options
 from .splits import resolve_split
 from .standardize import apply_standardizer, fit_standardizer
 from .torch_dataset import ArrayDataset
@@ -81,3 +84,34 @@ def prepare_datasets(datasets, cfg, name="datasets", how="the given train/val/te
     return PreparedData(dict(datasets), modalities, {m: tuple(np.shape(first[m])) for m in modalities},
                         int(k), name, how, classes=getattr(datasets["train"], "classes", None),
                         token_modalities=tokens)
+
+
+def disk_datasets(cfg):
+    """{"train", "val", "test"} of the benchmark cfg data.dataset, read from cfg data.root."""
+    from . import DISK_DATASETS  # the registry imports this module's siblings
+    d = cfg["data"]
+    if not d["root"]:
+        raise MieInputError(f"dataset '{d['dataset']}' is read from disk: pass --root DIR "
+                            "(the folder `mie prepare` wrote)")
+    bench = DISK_DATASETS[d["dataset"]]
+    generic = {"carve_val": d["carve_val"]}
+    if "modalities" in inspect.signature(bench.datasets).parameters:
+        generic["modalities"] = d["modalities"]
+    return call_with_options(bench.datasets, f"dataset '{bench.name}'", d["options"], d["root"],
+                             cfg["train"]["seed"], **generic)
+
+
+def prepare_run(cfg, data=None):
+    """The ``PreparedData`` of a run: ``data`` (arrays, an npz path, or a dict of Datasets) or, when
+    None, what the config's data section names (a built-in dataset, an npz, a benchmark on disk)."""
+    from . import DISK_DATASETS
+    d = cfg["data"]
+    if data is None and d["dataset"] in DISK_DATASETS:
+        return prepare_datasets(disk_datasets(cfg), cfg, d["dataset"],
+                                f"{d['dataset']} prepared in {d['root']}, seed {cfg['train']['seed']}, "
+                                f"options {d['options'] or '(defaults)'}")
+    if d["options"]:
+        raise MieInputError("data.options are read by benchmarks on disk only (mie datasets lists them)")
+    if isinstance(data, dict):
+        return prepare_datasets(data, cfg)
+    return prepare_arrays(load_arrays(cfg, data), cfg)

@@ -2,7 +2,7 @@
 fixed settings. A method is one file; registering it here is all the training loop needs."""
 from ..errors import MieInputError
 from .agm import AGM
-from .base import Method
+from .base import Batch, Method, Step
 from .domfn import DOMFN
 from .greedy import Greedy
 from .joint import Joint
@@ -20,8 +20,8 @@ from .unimodal import Unimodal
 # name → (class, fixed hyper-parameters, one-line description)
 METHODS = {
     "joint": (Joint, {}, "joint training, late fusion of logits, one cross-entropy"),
-    "joint_concat": (Joint, {"fusion": "concat"}, "joint training, concatenated features → one shared head"),
-    "joint_sum": (Joint, {"fusion": "sum"}, "joint training, summed features → one shared head"),
+    "joint_concat": (Joint, {"feature_fusion": "concat"}, "joint training, concatenated features → one shared head"),
+    "joint_sum": (Joint, {"feature_fusion": "sum"}, "joint training, summed features → one shared head"),
     "unimodal": (Unimodal, {}, "one modality alone (pass --modalities NAME)"),
     "mie": (MIE, {}, "MIE: alternating unimodal stages + SAM + flat gradient modification"),
     "mie_sam_only": (MIE, {"gm": False}, "MIE ablation: alternating stages + SAM, no GM"),
@@ -49,11 +49,12 @@ def method_params(name):
     """The hyper-parameters a user may set for method ``name``, with their defaults."""
     cls, fixed, _ = _lookup(name)
     hidden = set(fixed) | cls.unused_params(fixed)
-    return {k: v for k, v in cls.params().items() if k not in hidden}
+    return {k: p.default for k, p in cls.params.items() if k not in hidden}
 
 
 def create_method(name, **params):
-    """Instantiate method ``name`` with hyper-parameters ``params`` (unknown ones are an error)."""
+    """Instantiate method ``name`` with hyper-parameters ``params``, each checked against what its
+    ``Param`` accepts (unknown ones are an error)."""
     cls, fixed, _ = _lookup(name)
     allowed = method_params(name)
     unknown = sorted(set(params) - set(allowed))
@@ -71,4 +72,4 @@ def _lookup(name):
     return METHODS[name]
 
 
-__all__ = ["Method", "METHODS", "create_method", "method_params"]
+__all__ = ["Method", "Step", "Batch", "METHODS", "create_method", "method_params"]

@@ -70,7 +70,7 @@ from torch import nn
 from ..errors import MieInputError
 from ..models import fuse
 from .base import Method
-from .joint import SharedHeadModel
+from ..models import SharedHeadModel
 
 AGM_FUSIONS = ("model", "average", "weight")
 MAX_MODALITIES = 8

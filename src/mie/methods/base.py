@@ -1,27 +1,58 @@
 """The method interface: everything that is special about a training method, and nothing else.
 
-The training loop (``mie.train``) owns epochs, evaluation, checkpoints, logging and devices, and
-calls a method through these hooks only:
+The training loop (``mie.train``) owns epochs, evaluation, checkpoints, logging, devices, mixed
+precision and learning-rate schedules, and calls a method through these hooks only:
 
-    model = method.build_model(spec)             # which modules exist
-    method.setup(model, ctx)                     # optimizers, state
-    for epoch in range(method.num_epochs(E)):    # E = epoch budget per modality
+    model = method.build_model(spec)                   # which modules exist
+    method.setup(model, ctx)                           # optimizers (ctx.make_optimizer), state
+    for epoch in range(method.num_epochs(E)):          # E = epoch budget per modality
         method.start_epoch(epoch)
-        for xs, y in train batches: logs = method.train_step(xs, y)   # passes, gradient edits, steps
-        logs = method.end_epoch(epoch)           # state between epochs/stages (e.g. MIE's T)
-        fused, per_modality = method.predict(xs) on validation batches
+        for each batch: logs = method.training_step(batch, step)   # passes, gradient edits, steps
+        logs = method.end_epoch(epoch)                 # state between epochs (MIE's T, prototypes)
+        metrics = validation of method.predict         # the loop's own pass, in eval mode
+        logs = method.on_validation(epoch, metrics)    # decisions taken on validation (MSLR, MSES)
+
+What a method gets from the loop, it gets here: the step's position (``Step``), the loop's
+validation metrics (``on_validation``), any other split's metrics (``ctx.evaluate(split)``, cached
+until the model changes), and a learning rate per parameter group: a group created with a
+``"name"`` trains at the scheduled rate × ``lr_scale(name)``, applied by the loop at every epoch
+start. A method never runs its own validation pass, keeps an epoch counter or writes into
+optimizer param groups.
+
+Mixed precision (``train.amp``) runs the model's forward passes in autocast and nothing else: the
+gradient arithmetic a method does between backward and step is in full precision by construction.
 
 The checkpoint chosen on validation restores the model's weights and buffers only, so anything
 ``predict`` needs (e.g. running means used at inference) belongs in the model as buffers;
 ``state_dict`` is for what training needs to resume (optimizers, projection matrices, counters).
 """
-import inspect
+import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from ..models import LateFusionModel, fuse
+from ..models import LATE_FUSIONS, LateFusionModel, fused_prediction
+from .params import Param, check_params, one_of
+
+
+class Step(NamedTuple):
+    """Where a training step stands in the run."""
+    epoch: int              # loop epoch, 0-based
+    index: int              # mini-batch within the epoch, 0-based
+    steps_per_epoch: int
+    global_step: int        # steps since the start of the run, 0-based
+
+
+class Batch(NamedTuple):
+    inputs: dict            # {modality: (B, ...)} on the run's device
+    labels: torch.Tensor    # (B,) int64
+
+
+def fusion_param(default="average", rules=LATE_FUSIONS):
+    """The ``fusion`` parameter: how predictions are fused at inference (``mie.models.fusion``)."""
+    return Param(default, one_of(*rules), "inference fusion rule: " + " | ".join(rules))
 
 
 def require_two_modalities(model, name):
@@ -32,25 +63,30 @@ def require_two_modalities(model, name):
 
 
 class Method:
-    """Base class. Subclasses set ``name`` and override the hooks they need.
+    """Base class. Subclasses set ``name``, declare ``params`` and override the hooks they need.
 
-    Hyper-parameters are the keyword arguments of ``__init__``; they are what a config's
-    ``method:`` section and ``create_method(name, **params)`` accept.
+    ``params`` maps each hyper-parameter to its ``Param`` (default, accepted values, help); they are
+    what a config's ``method:`` section and ``create_method(name, **params)`` accept, checked there
+    once, and become attributes of the method.
     """
 
     name = "base"
+    params = {"fusion": fusion_param()}
 
-    def __init__(self, fusion="average"):
-        self.fusion = fusion
+    def __init__(self, **values):
+        unknown = sorted(set(values) - set(self.params))
+        if unknown:
+            raise MieInputError(f"unknown parameter(s) {', '.join(unknown)} for method '{self.name}'")
+        check_params(self.name, self.params, values)
+        self.check_params({**{k: p.default for k, p in self.params.items()}, **values})
+        for key, param in self.params.items():
+            setattr(self, key, copy.deepcopy(values.get(key, param.default)))
         self.model = None
         self.ctx = None
 
     @classmethod
-    def params(cls):
-        """Hyper-parameter names and defaults, read from ``__init__``'s signature."""
-        sig = inspect.signature(cls.__init__)
-        return {k: p.default for k, p in sig.parameters.items()
-                if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    def check_params(cls, values):
+        """Checks that involve several parameters (``values``: every parameter's value)."""
 
     @classmethod
     def unused_params(cls, fixed):
@@ -58,7 +94,7 @@ class Method:
         return set()
 
     def hparams(self):
-        return {k: getattr(self, k) for k in self.params()}
+        return {k: getattr(self, k) for k in self.params}
 
     # ---- set-up -----------------------------------------------------------------------
     def build_model(self, spec):
@@ -73,33 +109,44 @@ class Method:
         """Loop epochs that give every modality ``epochs_per_modality`` epochs of updates."""
         return epochs_per_modality
 
-    # ---- training ---------------------------------------------------------------------
     def schedule_epoch(self, epoch):
         """The epoch count the learning-rate schedule (train.lr_step) reads at loop epoch ``epoch``."""
         return epoch
 
+    def lr_scale(self, group):
+        """Multiplier of the scheduled learning rate for the param group named ``group``."""
+        return 1.0
+
+    # ---- training ---------------------------------------------------------------------
     def start_epoch(self, epoch):
         """Called before each epoch's first step."""
 
-    def train_step(self, xs, y):
-        """One optimisation step on a batch ``xs`` ({m: (B, ...)}), ``y`` (B,). Returns scalars to log."""
+    def training_step(self, batch, step):
+        """One optimisation step on ``batch`` (a ``Batch``) at ``step`` (a ``Step``). Returns scalars
+        to log (floats or 0-d tensors; the loop averages them over the epoch)."""
         raise NotImplementedError
 
     def end_epoch(self, epoch):
-        """Called after each epoch's last step. Returns scalars to log in history.csv."""
+        """Called after each epoch's last step, before validation. Returns scalars to log."""
+        return {}
+
+    def on_validation(self, epoch, metrics):
+        """The loop's validation ``metrics`` of this epoch (fused and per-modality accuracy and loss:
+        ``metrics["accuracy"]``, ``metrics["loss"]``, ``metrics["per_modality"][m]["accuracy"|"loss"]``).
+        Returns scalars to log."""
         return {}
 
     # ---- inference --------------------------------------------------------------------
+    def logits(self, xs):
+        """({m: modality m's own logits (B, K)}, the method's fused logits (B, K) or None)."""
+        return self.model(xs), None
+
     @torch.no_grad()
     def predict(self, xs):
         """Return (fused probabilities (B, K), {m: modality m's own probabilities (B, K)})."""
-        logits = self.model(xs)
-        per_modality = {m: F.softmax(z.float(), dim=-1) for m, z in logits.items()}
-        return self.fuse(logits, per_modality), per_modality
-
-    def fuse(self, logits, probs):
-        """Fused probabilities (B, K) from per-modality ``logits`` and ``probs`` ({m: (B, K)})."""
-        return fuse(torch.stack(list(probs.values())), self.fusion)
+        per_logits, fused_logits = self.logits(xs)
+        probs = {m: F.softmax(z.float(), dim=-1) for m, z in per_logits.items()}
+        return fused_prediction(self.fusion, probs, fused_logits), probs
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
@@ -108,3 +155,28 @@ class Method:
 
     def load_state_dict(self, state):
         pass
+
+
+class SingleOptimizerMethod(Method):
+    """A method with one optimizer over all the model's parameters (``self.optimizer``), saved with
+    the run."""
+
+    def setup(self, model, ctx):
+        super().setup(model, ctx)
+        self.optimizer = ctx.make_optimizer(self.parameter_groups(model))
+
+    def parameter_groups(self, model):
+        """What ``self.optimizer`` trains: parameters, or param groups (dicts with a ``"name"``)."""
+        return model.parameters()
+
+    def minimize(self, loss):
+        """zero_grad, backward, step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])

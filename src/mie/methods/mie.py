@@ -39,6 +39,10 @@ In the code the second term's head sees SAM-perturbed weights that are never res
 terms are evaluated in both SAM passes and the weights are restored, as SAM defines. The code's
 other departures (ρ = 1e-10, checkpoints chosen on test) are not reproduced.
 
+Each modality has its own optimizer (``SAM`` around the configured one when ``sam``), and GM is a
+step pre-hook on it (``mie.optim.GradientModification``): a step is ``optimizer.step(closure)``,
+and GM rewrites the gradients between the second backward and the base step.
+
 ``sam`` and ``gm`` switch the two ingredients off, so the paper's ablation (neither / SAM only /
 GM only / both) is four runs of this method. ``alternation="iteration"`` trains every modality in
 turn on each mini-batch (as MLA does) and recomputes every T after each epoch.
@@ -50,12 +54,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from ..optim import (GM_LAYERS, SAM, InputCovariance, flat_modification_from_means, frozen_batchnorm_stats,
-                     input_dim, matrix_stats, modify_gradient)
-from .base import Method, require_two_modalities
+from ..models import eval_mode
+from ..optim import (GM_LAYERS, SAM, GradientModification, InputCovariance, flat_modification_from_means,
+                     input_dim, matrix_stats)
+from .base import Method, fusion_param, require_two_modalities
+from .params import Param, boolean, modality_list, number, one_of
 
-ALTERNATIONS = ("stage", "iteration")
-OBJECTIVES = ("paper", "released")
+
+def stage_lengths(v):
+    """Check of ``epochs_per_stage``: an integer >= 1, or a mapping modality → integer >= 1."""
+    lengths = v.values() if isinstance(v, dict) else [v]
+    ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths)
+    return None if ok else "an integer >= 1 or a mapping modality → integer >= 1, e.g. {audio: 25, video: 50}"
 
 
 def gm_layers(model, m, scope=0.0):
@@ -84,33 +94,21 @@ def _supported(layer):
 
 class MIE(Method):
     name = "mie"
-
-    def __init__(self, tau=0.4, rho=0.05, sam=True, gm=True, adaptive=False, alternation="stage",
-                 epochs_per_stage=1, order=None, fusion="average", gm_scope=0.0, objective="paper",
-                 mixup_alpha=1.0, flat_weight=0.3):
-        super().__init__(fusion=fusion)
-        if isinstance(gm_scope, bool) or not isinstance(gm_scope, (int, float)) or not 0 <= gm_scope <= 1:
-            raise MieInputError(f"gm_scope must be a share of the parameters in [0, 1] (0: the head alone), "
-                                f"got {gm_scope!r}")
-        self.gm_scope = float(gm_scope)
-        if objective not in OBJECTIVES:
-            raise MieInputError(f"unknown objective '{objective}'; expected one of {OBJECTIVES}")
-        if not mixup_alpha > 0 or not 0 <= flat_weight <= 1:
-            raise MieInputError(f"mixup_alpha must be > 0 and flat_weight in [0, 1]; got {mixup_alpha}, {flat_weight}")
-        self.objective, self.mixup_alpha, self.flat_weight = objective, float(mixup_alpha), float(flat_weight)
-        if alternation not in ALTERNATIONS:
-            raise MieInputError(f"unknown alternation '{alternation}'; expected one of {ALTERNATIONS}")
-        if not tau > 0:
-            raise MieInputError(f"tau must be > 0, got {tau}")
-        if rho < 0:
-            raise MieInputError(f"rho must be >= 0, got {rho}")
-        lengths = epochs_per_stage.values() if isinstance(epochs_per_stage, dict) else [epochs_per_stage]
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
-            raise MieInputError(f"epochs_per_stage must be an integer >= 1 or a mapping modality → integer >= 1, "
-                                f"e.g. {{audio: 25, video: 50}}; got {epochs_per_stage!r}")
-        self.tau, self.rho, self.sam, self.gm, self.adaptive = float(tau), float(rho), bool(sam), bool(gm), bool(adaptive)
-        self.alternation, self.epochs_per_stage = alternation, epochs_per_stage
-        self.order = list(order) if order else None
+    params = {
+        "tau": Param(0.4, number(above=0), "GM temperature τ: the sharpest direction is damped by e^{-τ} (paper 0.4)"),
+        "rho": Param(0.05, number(at_least=0), "SAM radius ρ"),
+        "sam": Param(True, boolean, "SAM on each modality's parameters"),
+        "gm": Param(True, boolean, "flat gradient modification"),
+        "adaptive": Param(False, boolean, "ASAM's scale-invariant perturbation"),
+        "alternation": Param("stage", one_of("stage", "iteration"), "stages of whole epochs, or every modality per batch"),
+        "epochs_per_stage": Param(1, stage_lengths, "epochs of one stage (one number, or one per modality)"),
+        "order": Param(None, modality_list, "the modality cycle (default: the data's order)"),
+        "fusion": fusion_param("average"),
+        "gm_scope": Param(0.0, number(at_least=0, at_most=1), "share of parameters GM reaches (0: the head)"),
+        "objective": Param("paper", one_of("paper", "released"), "the paper's CE, or the released code's mixup"),
+        "mixup_alpha": Param(1.0, number(above=0), "released objective: λ ~ Beta(α, α)"),
+        "flat_weight": Param(0.3, number(at_least=0, at_most=1), "released objective: weight w of the clean CE"),
+    }
 
     @classmethod
     def unused_params(cls, fixed):
@@ -122,7 +120,7 @@ class MIE(Method):
     def setup(self, model, ctx):
         super().setup(model, ctx)
         require_two_modalities(model, self.name)
-        order = self.order or list(model.modalities)
+        order = list(self.order or model.modalities)
         if sorted(order) != sorted(model.modalities):
             raise MieInputError(f"method.order {order} must list each modality once: {model.modalities}")
         self.cycle = order
@@ -131,15 +129,19 @@ class MIE(Method):
             raise MieInputError(f"method.epochs_per_stage names {sorted(lengths)}; it must give one length for each "
                                 f"modality: {order}")
         self.lengths = [lengths[m] if isinstance(lengths, dict) else lengths for m in order]
-        self.optimizers = {}
-        for m in order:
-            base = ctx.make_optimizer(model.modality_parameters(m))
-            self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive) if self.sam else base
         self.layers = {m: gm_layers(model, m, self.gm_scope) for m in order}
         self.T = {m: [torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] for m in order}
         self.means = {m: None for m in order}   # the batch means T^(m) was made from (None: T = I)
+        self.optimizers, self.gm_hooks = {}, {}
+        for m in order:
+            base = ctx.make_optimizer(model.modality_parameters(m))
+            if self.gm:
+                self.gm_hooks[m] = GradientModification(self.layers[m])
+                self.gm_hooks[m].attach(base)
+            self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive, model=model) if self.sam else base
+        for m in order:
+            self._feed(m)
         self._stats_cache = {}
-        self._T_device = {}
 
     def num_epochs(self, epochs_per_modality):
         if self.alternation == "iteration":
@@ -148,56 +150,57 @@ class MIE(Method):
         return cycles * sum(self.lengths)
 
     # ---- the cycle ----------------------------------------------------------------------
+    def source(self, j):
+        """k: the modality trained just before j in the cycle, whose T^(k) shapes j's gradients."""
+        return self.cycle[self.cycle.index(j) - 1]
+
     def stage(self, epoch):
-        """(j, k, last): the modality trained in loop epoch ``epoch`` (stage mode), the one trained
-        before it in the cycle (whose T^(k) shapes j's gradients), and whether the stage ends here."""
-        j, k, within = self._position(epoch)
-        return j, k, within + 1 == self.lengths[self.cycle.index(j)]
+        """(j, k, last): the modality trained in loop epoch ``epoch`` (stage mode), its source k,
+        and whether the stage ends here."""
+        j, within = self._position(epoch)
+        return j, self.source(j), within + 1 == self.lengths[self.cycle.index(j)]
 
     def _position(self, epoch):
-        """(j, k, epochs of j's current stage before this one)."""
+        """(j, epochs of j's current stage before this one)."""
         r = epoch % sum(self.lengths)
         for i, n in enumerate(self.lengths):
             if r < n:
-                return self.cycle[i], self.cycle[i - 1], r
+                return self.cycle[i], r
             r -= n
 
     def schedule_epoch(self, epoch):
         """The epoch within the current stage: each stage starts its learning-rate schedule afresh."""
-        return epoch if self.alternation == "iteration" else self._position(epoch)[2]
+        return epoch if self.alternation == "iteration" else self._position(epoch)[1]
 
     def start_epoch(self, epoch):
-        self._epoch, self._changes = epoch, []
+        for hook in self.gm_hooks.values():
+            hook.changes = []
 
     # ---- one step -----------------------------------------------------------------------
-    def train_step(self, xs, y):
+    def training_step(self, batch, step):
+        xs, y = batch
         if self.alternation == "iteration":
-            logs = {}
-            for i, j in enumerate(self.cycle):
-                logs[f"loss_{j}"] = self._step(j, self.cycle[i - 1], xs[j], y)
-            return logs
-        j, k, _ = self.stage(self._epoch)
-        return {f"loss_{j}": self._step(j, k, xs[j], y)}
+            return {f"loss_{j}": self._step(j, xs[j], y) for j in self.cycle}
+        j = self.stage(step.epoch)[0]
+        return {f"loss_{j}": self._step(j, xs[j], y)}
 
-    def _step(self, j, k, x, y):
-        """One update of θ_j on (x, y) with SAM and GM from T^(k); returns the pass-1 loss."""
+    def _step(self, j, x, y):
+        """One update of θ_j on (x, y): SAM's two passes, GM (the optimizer's pre-hook), the step.
+        Returns the pass-1 loss."""
         opt = self.optimizers[j]
         objective = self._objective(x, y)
-        loss = objective(j)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+
+        def closure():
+            loss = objective(j)
+            loss.backward()
+            return loss
         if self.sam:
-            opt.first_step(zero_grad=True)
-            with frozen_batchnorm_stats(self.model):
-                objective(j).backward()
-        if self.gm:
-            self._changes.append([modify_gradient(l, t) for l, t in self._pairs(j, k)])
-        if self.sam:
-            opt.second_step(zero_grad=True)
+            loss = opt.step(closure)
         else:
-            opt.step()
             opt.zero_grad(set_to_none=True)
-        return loss.item()
+            loss = closure()
+            opt.step()
+        return loss.detach()
 
     def _objective(self, x, y):
         """j → the loss of θ_j on this mini-batch; the same mixup draw serves both SAM passes."""
@@ -214,43 +217,45 @@ class MIE(Method):
             return (1 - w) * mix + w * F.cross_entropy(o, y)
         return loss
 
-    def _pairs(self, j, k):
-        """(layer of j, T^(k)) at the same position counted from the output, where d_in agrees."""
-        return [(l, t) for l, t in zip(reversed(self.layers[j]), reversed(self._on_device(k)))
-                if t.shape[0] == input_dim(l)]
-
-    def _on_device(self, m):
-        if m not in self._T_device:
-            p = next(self.model.heads[m].parameters())
-            self._T_device[m] = [t.to(device=p.device, dtype=p.dtype) for t in self.T[m]]
-        return self._T_device[m]
+    def _feed(self, j):
+        """Give j's GM hook T^(k) of its source k: paired by position from the output, where d_in agrees."""
+        if not self.gm:
+            return
+        p = next(self.model.heads[j].parameters())
+        layers, T = self.layers[j], self.T[self.source(j)]
+        matrices = [None] * len(layers)
+        for i, (layer, t) in enumerate(zip(reversed(layers), reversed(T))):
+            if t.shape[0] == input_dim(layer):
+                matrices[len(layers) - 1 - i] = t.to(device=p.device, dtype=p.dtype)
+        self.gm_hooks[j].matrices = matrices
 
     # ---- between stages ----------------------------------------------------------------
     def end_epoch(self, epoch):
         if self.alternation == "iteration":
-            used = {j: self.cycle[i - 1] for i, j in enumerate(self.cycle)}
-            logs = self._gm_logs(self.cycle[0], used[self.cycle[0]])
+            logs = self._gm_logs(self.cycle[0], list(self.gm_hooks.values()))
             if self.gm:
                 self.recompute(self.cycle)
             return logs
         j, k, last = self.stage(epoch)
-        logs = {"active": j, **self._gm_logs(j, k)}
+        logs = {"active": j, **self._gm_logs(j, [self.gm_hooks[j]] if self.gm else [])}
         if last and self.gm:
             self.recompute([j])
         return logs
 
-    def _gm_logs(self, j, k):
+    def _gm_logs(self, j, hooks):
         """How strongly T^(k) acted on j this epoch: how many of j's layers it rewrote, its mean
         eigenvalue tr(T)/d and ‖T − I‖_F (means over the GM layers), and the mean relative change
         ‖∇W·T − ∇W‖/‖∇W‖ it made to the gradients."""
         if not self.gm:
             return {}
+        k = self.source(j)
         stats = self._stats(k)
-        logs = {"gm_source": k, "gm_layers": len(self._pairs(j, k)),
+        logs = {"gm_source": k, "gm_layers": sum(t is not None for t in self.gm_hooks[j].matrices),
                 "gm_T_mean_eig": sum(s["mean_eig"] for s in stats) / len(stats),
                 "gm_T_dist_identity": sum(s["dist_identity"] for s in stats) / len(stats)}
-        if self._changes:
-            logs["gm_grad_rel_change"] = sum(sum(c) / len(c) for c in self._changes) / len(self._changes)
+        changes = [c for hook in hooks for c in hook.changes]
+        if changes:
+            logs["gm_grad_rel_change"] = float(torch.stack(changes).mean())
         return logs
 
     def _stats(self, m):
@@ -264,20 +269,21 @@ class MIE(Method):
     @torch.no_grad()
     def recompute(self, modalities):
         """T^(m) for each m in ``modalities`` from one eval pass over the training data."""
-        was_training = self.model.training
-        self.model.eval()
         collectors = {m: InputCovariance(self.layers[m]) for m in modalities}
-        with ExitStack() as stack:
+        with eval_mode(self.model), ExitStack() as stack:
             for c in collectors.values():
                 stack.enter_context(c)
             for xs, _ in self.ctx.train_batches():
                 for m in modalities:
                     self.model.forward_modality(m, xs[m])
-        self.model.train(was_training)
         for m, c in collectors.items():   # every rank passed over all the data: nothing to reduce
             self.means[m] = [c.batch_means(i) for i in range(len(self.layers[m]))]
             self.T[m] = c.flat_matrices(self.tau)
-            self._T_device.pop(m, None)
+        self._feed_successors(modalities)
+
+    def _feed_successors(self, modalities):
+        for m in modalities:
+            self._feed(self.cycle[(self.cycle.index(m) + 1) % len(self.cycle)])
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
@@ -292,4 +298,4 @@ class MIE(Method):
         self.T = {m: ([torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] if z is None
                       else [flat_modification_from_means(a, self.tau) for a in z])
                   for m, z in self.means.items()}
-        self._T_device = {}
+        self._feed_successors(self.cycle)

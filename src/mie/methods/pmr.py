@@ -62,7 +62,9 @@ import torch.nn.functional as F
 
 from ..errors import MieInputError
 from ..models import LateFusionModel
-from .joint import FEATURE_FUSIONS, LATE_FUSIONS, Joint, SharedHeadModel
+from ..models import SharedHeadModel
+from .joint import Joint
+FEATURE_FUSIONS, LATE_FUSIONS = ("concat", "sum"), ("average", "weight")
 
 
 def prototype_logits(z, C):

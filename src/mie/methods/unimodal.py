@@ -11,7 +11,7 @@ with one optimizer. The prediction is softmax(z), which is also the modality's o
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from .base import Method
+from .base import SingleOptimizerMethod
 
 
 def _check_one(name, modalities):
@@ -21,32 +21,16 @@ def _check_one(name, modalities):
                             f"with one of them")
 
 
-class Unimodal(Method):
+class Unimodal(SingleOptimizerMethod):
     name = "unimodal"
-
-    def __init__(self, fusion="average"):
-        super().__init__(fusion=fusion)
 
     def build_model(self, spec):
         _check_one(self.name, list(spec.modalities))
         return super().build_model(spec)
 
-    def setup(self, model, ctx):
-        _check_one(self.name, list(model.modalities))
-        super().setup(model, ctx)
-        self.modality = model.modalities[0]
-        self.optimizer = ctx.make_optimizer(model.parameters())
-
-    def train_step(self, xs, y):
-        m = self.modality
+    def training_step(self, batch, step):
+        xs, y = batch
+        (m,) = self.model.modalities
         loss = F.cross_entropy(self.model.forward_modality(m, xs[m]), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item()}
-
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.minimize(loss)
+        return {"loss": loss.detach()}

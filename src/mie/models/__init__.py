@@ -1,9 +1,13 @@
-"""Encoders (by name), the per-modality head, late-fusion rules and the late-fusion model."""
+"""Encoders (by name), heads, the multimodal model skeletons and the late-fusion rules."""
 from .encoders import ENCODERS, build_encoders, create_encoder, default_encoder
-from .fusion import FUSIONS, entropy_weights, fuse
+from .fusion import FUSIONS, LATE_FUSIONS, entropy_weights, fuse, fused_prediction
 from .head import ClassifierHead
-from .late_fusion import LateFusionModel
+from .modes import eval_mode
+from .multi_head import MultiHeadModel
+from .multimodal import LateFusionModel, MultimodalModel, modality_heads
+from .shared_head import SharedHeadModel
 from .spec import ModelSpec
 
-__all__ = ["ENCODERS", "build_encoders", "create_encoder", "default_encoder", "ClassifierHead", "LateFusionModel",
-           "ModelSpec", "fuse", "entropy_weights", "FUSIONS"]
+__all__ = ["ENCODERS", "build_encoders", "create_encoder", "default_encoder", "ClassifierHead", "MultimodalModel",
+           "LateFusionModel", "SharedHeadModel", "MultiHeadModel", "modality_heads", "ModelSpec", "fuse",
+           "fused_prediction", "entropy_weights", "eval_mode", "FUSIONS", "LATE_FUSIONS"]

@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import full_precision
-
 # Relative eigenvalue spread below which Ȳ is treated as a multiple of I (so T = I).
 _EQUAL_EIGENVALUES_RTOL = 1e-12
 
@@ -161,21 +159,47 @@ class InputCovariance:
             self.means = [[z for rank_means in gathered for z in rank_means[i]] for i in range(len(self.layers))]
 
 
-@full_precision()
 def modify_gradient(layer, T):
     """Replace ``layer.weight.grad``, as a matrix (out × d_in), by ∇W · T; returns
-    ‖∇W·T − ∇W‖ / ‖∇W‖."""
+    ‖∇W·T − ∇W‖ / ‖∇W‖ as a 0-d tensor (no host sync)."""
     grad = layer.weight.grad
     if grad is None:
-        return 0.0
+        return torch.zeros(())
     matrix = grad.reshape(grad.shape[0], -1)
     if T.shape != (matrix.shape[1], matrix.shape[1]):
         raise ValueError(f"T of shape {tuple(T.shape)} does not fit a {type(layer).__name__} with d_in={matrix.shape[1]}")
     new = matrix @ T.to(dtype=grad.dtype, device=grad.device)
     norm = matrix.norm()
-    change = ((new - matrix).norm() / norm).item() if norm > 0 else 0.0
+    change = torch.where(norm > 0, (new - matrix).norm() / norm, torch.zeros_like(norm))
     layer.weight.grad = new.reshape(grad.shape)
     return change
+
+
+class GradientModification:
+    """GM as an optimizer step pre-hook: before each step, the weight gradient of each layer in
+    ``layers`` becomes ∇W · T for its matrix T (layers whose matrix is None are left alone).
+
+        gm = GradientModification(layers_of_l)    # modality l's layers; no matrices yet
+        gm.attach(optimizer)                       # under SAM: the base optimizer, so GM runs
+        gm.matrices = T_of_k                       # between the second backward and the step
+
+    ``changes`` collects, per step, the mean of ‖∇W·T − ∇W‖/‖∇W‖ over the modified layers (0-d
+    tensors; read them when logging).
+    """
+
+    def __init__(self, layers, matrices=None):
+        self.layers = list(layers)
+        self.matrices = list(matrices) if matrices is not None else [None] * len(self.layers)
+        self.changes = []
+
+    def __call__(self, optimizer, args, kwargs):
+        pairs = [(layer, T) for layer, T in zip(self.layers, self.matrices) if T is not None]
+        if pairs:
+            self.changes.append(torch.stack([modify_gradient(layer, T).double() for layer, T in pairs]).mean())
+
+    def attach(self, optimizer):
+        """Run before every ``optimizer.step()``; returns the hook's removable handle."""
+        return optimizer.register_step_pre_hook(self)
 
 
 def matrix_stats(T):

@@ -7,6 +7,11 @@ With g = ∇L(θ) on a mini-batch, one SAM step is
     θ ← base_step(θ, g')                   (θ restored bit-exactly before the step)
 
 With ``adaptive=True`` (ASAM, Kwon et al. 2021): ε = ρ · w² ⊙ g / ‖w ⊙ g‖₂.
+
+``SAM`` is a ``torch.optim.Optimizer`` that shares its base optimizer's ``param_groups``, so a
+learning-rate scheduler built on it drives the base optimizer's rates. The base optimizer's step
+pre-hooks run between the second backward and the base step: the place for gradient rewrites such
+as MIE's flat modification (``mie.optim.flat.GradientModification``) or a gradient all-reduce.
 """
 from contextlib import contextmanager
 
@@ -14,35 +19,33 @@ import torch
 from torch import nn
 
 
-class SAM:
+class SAM(torch.optim.Optimizer):
     """SAM around an existing optimizer instance.
 
-    Use either the two-call form::
+    Either ``sam.step(closure)``, where ``closure`` computes the loss, calls ``backward()`` and
+    returns the loss (gradients are cleared before each of its two calls; pass ``model=`` so the
+    second pass leaves BatchNorm statistics alone), or the two-call form::
 
         loss(model(x)).backward(); sam.first_step(zero_grad=True)
         with frozen_batchnorm_stats(model):
             loss(model(x)).backward()
         sam.second_step(zero_grad=True)
-
-    or ``sam.step(closure)`` where ``closure`` zeroes nothing, computes the loss and calls
-    ``backward()``; pass ``model=`` so that the second pass leaves BatchNorm statistics alone.
     """
 
     def __init__(self, base_optimizer, rho=0.05, adaptive=False, model=None):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("SAM wraps a torch.optim.Optimizer instance, "
                             f"got {type(base_optimizer).__name__}")
-        if rho < 0:
+        if not rho >= 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
+        super().__init__(base_optimizer.param_groups, dict(base_optimizer.defaults))
+        self.param_groups = base_optimizer.param_groups     # one list, shared with the base
+        self.state = base_optimizer.state
         self.base_optimizer = base_optimizer
         self.rho = float(rho)
         self.adaptive = bool(adaptive)
         self.model = model
         self._saved = None
-
-    @property
-    def param_groups(self):
-        return self.base_optimizer.param_groups
 
     def _params_with_grad(self):
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -69,7 +72,8 @@ class SAM:
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):
-        """Restore θ exactly, then take the base optimizer's step with the current gradient."""
+        """Restore θ exactly, then take the base optimizer's step (its pre-hooks first) with the
+        current gradient."""
         if self._saved is None:
             raise RuntimeError("second_step() called before first_step()")
         self.restore()
@@ -84,11 +88,13 @@ class SAM:
             p.copy_(saved)
         self._saved = None
 
-    def step(self, closure):
-        """One full SAM step; ``closure()`` must compute the loss, call backward and return it."""
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One full SAM step; returns the loss of the first pass (at θ)."""
         if closure is None:
-            raise ValueError("SAM.step needs a closure that recomputes the loss")
+            raise ValueError("SAM.step needs a closure that computes the loss, calls backward and returns it")
         closure = torch.enable_grad()(closure)
+        self.zero_grad()
         loss = closure()
         self.first_step(zero_grad=True)
         with frozen_batchnorm_stats(self.model):
@@ -100,11 +106,13 @@ class SAM:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
-        return {"base": self.base_optimizer.state_dict(), "rho": self.rho, "adaptive": self.adaptive}
+        """The base optimizer's state (ρ and ``adaptive`` are the constructor's, not state)."""
+        return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state):
-        self.base_optimizer.load_state_dict(state["base"])
-        self.rho, self.adaptive = state["rho"], state["adaptive"]
+        self.base_optimizer.load_state_dict(state)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
 
 
 @contextmanager

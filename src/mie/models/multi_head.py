@@ -1,0 +1,48 @@
+"""A head per modality AND a fused head (MSES, OGR-GB, DOMFN).
+
+    f_m = φ_m(x_m),    z_m = h_m(f_m),    z_fused = g(fuse(f_1, …, f_M))
+
+with ``feature_fusion`` "concat" ([f_1; …; f_M], g: FC(M·d, …), the late-concat network of Wang et
+al.'s G-Blend and Fujimori et al.'s multitask model), or the element-wise "mean" or "max" of the f_m
+(DOMFN's options). Every head is a ``ClassifierHead`` with the model's ``head_hidden`` widths.
+"""
+import torch
+from torch import nn
+
+from ..errors import MieInputError
+from .encoders import build_encoders
+from .head import ClassifierHead
+from .multimodal import LateFusionModel, modality_heads
+
+FEATURE_FUSIONS = ("concat", "mean", "max")
+
+
+class MultiHeadModel(LateFusionModel):
+    """``forward(xs)`` → {m: z_m}; ``outputs(xs)`` → ({m: z_m}, z_fused), each (B, K) logits."""
+
+    def __init__(self, encoders, heads, fused_head, feature_fusion="concat"):
+        super().__init__(encoders, heads)
+        if feature_fusion not in FEATURE_FUSIONS:
+            raise MieInputError(f"unknown feature_fusion '{feature_fusion}'; expected one of {FEATURE_FUSIONS}")
+        self.fused_head = fused_head
+        self.feature_fusion = feature_fusion
+
+    def fused_logits(self, feats):
+        """z_fused = g(fused features) from ``features()``."""
+        values = [feats[m] for m in self.modalities]
+        if self.feature_fusion == "concat":
+            return self.fused_head(torch.cat(values, dim=-1))
+        stacked = torch.stack(values)
+        return self.fused_head(stacked.mean(dim=0) if self.feature_fusion == "mean" else stacked.max(dim=0).values)
+
+    def outputs_from_features(self, feats):
+        return {m: self.heads[m](feats[m]) for m in self.modalities}, self.fused_logits(feats)
+
+    def outputs(self, xs):
+        return self.outputs_from_features(self.features(xs))
+
+    @classmethod
+    def build(cls, spec, feature_fusion="concat"):
+        width = spec.dim * len(spec.modalities) if feature_fusion == "concat" else spec.dim
+        return cls(build_encoders(spec), modality_heads(spec),
+                   ClassifierHead(width, spec.num_classes, spec.head_hidden), feature_fusion)
