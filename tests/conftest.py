@@ -27,3 +27,23 @@ def npz_file(tmp_path):
 
 
 TINY = ["train.epochs=2", "train.batch_size=32", "model.dim=16", "model.head_hidden=[16,8]"]
+
+
+def make_context(modalities, lr=0.1, train_batches=(), evaluate=None, epochs_per_modality=6, steps_per_epoch=1,
+                 make_optimizer=None):
+    """A ``TrainContext`` for driving a method by hand: SGD at ``lr`` (unless ``make_optimizer``),
+    ``train_batches`` a list of ``Batch``es, ``evaluate`` split → metrics (default: refuses)."""
+    from mie.train import TrainContext
+
+    def refuse(split):
+        raise AssertionError(f"the method asked for an evaluation of {split}")
+    return TrainContext(modalities=list(modalities), device=torch.device("cpu"),
+                        make_optimizer=make_optimizer or (lambda params, lr_=None: torch.optim.SGD(list(params), lr=lr_ or lr)),
+                        train_batches=lambda: iter(list(train_batches)), evaluate=evaluate or refuse,
+                        epochs_per_modality=epochs_per_modality, steps_per_epoch=steps_per_epoch)
+
+
+def make_step(epoch=0, index=0, steps_per_epoch=1):
+    """The ``Step`` of mini-batch ``index`` in loop epoch ``epoch``."""
+    from mie.methods import Step
+    return Step(epoch, index, steps_per_epoch, epoch * steps_per_epoch + index)
