@@ -1,13 +1,16 @@
-"""train.amp=bf16: forward passes in bfloat16 autocast, every method still trains, gradient
-arithmetic and GM covariances stay in full precision."""
+"""train.amp=bf16: the model's forward passes run in bfloat16 autocast and nothing else does, so every
+method still trains and gradient arithmetic (GM, MLA's projection) and GM covariances stay in full
+precision without any method opting out."""
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import mie
 from conftest import make_arrays
-from mie.methods import METHODS
-from mie.optim import InputCovariance, full_precision, modify_gradient
+from mie.methods import METHODS, create_method
+from mie.models import ModelSpec
+from mie.optim import InputCovariance, autocast_forwards
 
 CONFIG = {"train": {"epochs": 2, "batch_size": 16, "amp": "bf16"}, "model": {"dim": 16, "head_hidden": [16, 8]}}
 
@@ -20,20 +23,49 @@ def test_every_method_trains_under_bf16_autocast(method):
     assert np.isfinite(result["test"]["accuracy"]) and result["test"]["accuracy"] > 0
 
 
-def test_forward_runs_in_bf16_and_gradient_arithmetic_does_not():
-    layer = torch.nn.Linear(4, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with InputCovariance([layer]) as cov:
-            out = layer(torch.randn(5, 4))
-        out.float().sum().backward()
-        before = layer.weight.grad.clone()
-        T = torch.diag(torch.tensor([1.0, 0.5, 0.25, 1.0], dtype=torch.float64))
-        modify_gradient(layer, T)
-        with full_precision():
-            product = torch.randn(3, 3) @ torch.randn(3, 3)
-    assert out.dtype == torch.bfloat16 and cov.covariances[0].dtype == torch.float64
-    assert layer.weight.grad.dtype == torch.float32 and product.dtype == torch.float32
-    assert torch.allclose(layer.weight.grad, before @ T.float())
+def _model():
+    spec = ModelSpec(["a", "b"], {"a": (8,), "b": (5,)}, {"a": "mlp", "b": "mlp"}, 3, 16, (16, 8))
+    torch.manual_seed(0)
+    return create_method("mie").build_model(spec)
+
+
+def test_forwards_run_in_bf16_and_return_float32_while_the_rest_is_full_precision():
+    model = autocast_forwards(_model(), torch.device("cpu"))
+    inner = []
+    first = model.heads["a"].linears[0]
+    first.register_forward_hook(lambda mod, inp, out: inner.append(out.dtype))
+    with InputCovariance([first]) as cov:
+        out = model.forward_modality("a", torch.randn(6, 8))
+    assert inner == [torch.bfloat16]                  # inside the forward: autocast
+    assert out.dtype == torch.float32                 # what a method receives: float32
+    assert cov.covariances[0].dtype == torch.float64
+    out.sum().backward()
+    grad = first.weight.grad
+    product = grad @ torch.eye(grad.shape[1])         # gradient arithmetic outside any forward
+    assert grad.dtype == torch.float32 and product.dtype == torch.float32 and torch.equal(product, grad)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_methods_step_is_not_autocast_outside_the_model(monkeypatch):
+    """What a method does between backward and step sees no autocast: record the autocast state
+    GM's hook finds while MIE trains under train.amp=bf16."""
+    from mie.optim import flat
+    seen = []
+    original = flat.modify_gradient
+
+    def recording(layer, T):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(layer, T)
+    monkeypatch.setattr(flat, "modify_gradient", recording)
+    x, y = make_arrays(n=60)
+    mie.fit(mie.MultimodalArrays(x, y), "mie", config=CONFIG, seed=0, epochs=1, progress=False)
+    assert seen and not any(seen)
+
+
+def test_autocast_wraps_the_parts_a_method_calls():
+    model = autocast_forwards(nn.ModuleDict({"a": nn.Linear(3, 2)}), torch.device("cpu"))
+    with torch.no_grad():
+        assert model["a"](torch.randn(4, 3)).dtype == torch.float32
 
 
 def test_unknown_amp_is_refused():

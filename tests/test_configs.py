@@ -49,9 +49,9 @@ def test_ablations_do_not_offer_switched_off_parameters():
 def test_adam_betas_reach_the_optimizer():
     import torch
 
-    from mie.train import optimizer_factory
+    from mie.train import Optimizers
     cfg = build_config(None, ["train.betas=[0.9, 0.99]"])
-    opt = optimizer_factory(cfg["train"])([torch.nn.Parameter(torch.zeros(1))])
+    opt = Optimizers(cfg["train"]).make([torch.nn.Parameter(torch.zeros(1))])
     assert opt.param_groups[0]["betas"] == (0.9, 0.99)
     with pytest.raises(MieInputError, match="train.betas must be two numbers"):
         build_config(None, ["train.betas=[0.9]"])

@@ -12,12 +12,13 @@ from torch import nn
 
 import mie
 import mie.methods
-from conftest import make_arrays
+from conftest import make_arrays, make_context, make_step
 from mie.errors import MieInputError
+from mie.methods import Batch, create_method
 from mie.methods.greedy import (Greedy, GreedyModel, conditional_speeds, rebalance_target, speed_imbalance,
                                 utilization_rates)
+from mie.metrics import classification_metrics
 from mie.models import ClassifierHead
-from mie.train import TrainContext
 
 K, D = 3, 3
 IN = {"a": 4, "b": 5}
@@ -33,14 +34,11 @@ def _model(mods=("a", "b"), seed=0):
 def _batch(mods=("a", "b"), n=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % K
-    return {m: torch.randn(n, IN.get(m, 4), generator=g, dtype=torch.float64) for m in mods}, y
+    return Batch({m: torch.randn(n, IN.get(m, 4), generator=g, dtype=torch.float64) for m in mods}, y)
 
 
-def _ctx(train=(), val=(), lr=0.0):
-    return TrainContext(modalities=None, device=torch.device("cpu"),
-                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=lr),
-                        train_batches=lambda: iter(train), val_batches=lambda: iter(val),
-                        epochs_per_modality=3, steps_per_epoch=1)
+def _ctx(train=(), lr=0.0, evaluate=None):
+    return make_context(["a", "b"], lr=lr, train_batches=train, evaluate=evaluate, epochs_per_modality=3)
 
 
 def _method(model, ctx, epoch=0, **kw):
@@ -48,6 +46,12 @@ def _method(model, ctx, epoch=0, **kw):
     method.setup(model, ctx)
     method.start_epoch(epoch)
     return method
+
+
+def _metrics(method, batch):
+    """The loop's metrics dict of ``method``'s predictions on ``batch``."""
+    fused, per = method.predict(batch.inputs)
+    return classification_metrics(fused.numpy(), {m: p.numpy() for m, p in per.items()}, batch.labels.numpy())
 
 
 # ---- the model written out by hand ------------------------------------------------------------
@@ -81,7 +85,7 @@ def test_conditional_learning_speed_accumulates_gradient_ratios_by_hand():
     batch_means = []
     for seed in (1, 2):
         xs, y = _batch(seed=seed)
-        logs = method.train_step(xs, y)
+        logs = method.training_step(Batch(xs, y), make_step(0, seed - 1, 2))
         _, E, y_hat = _hand_parts(model, xs)
         loss = sum(F.cross_entropy(y_hat[m], y) for m in ("a", "b"))
         assert logs["loss"] == pytest.approx(loss.item())                # L = Σ_k CE(ŷ_k, y)
@@ -126,14 +130,14 @@ def test_utilization_rate_from_accuracies_and_from_the_unimodal_dnn():
 
     model = _model()
     train = [_batch(seed=3, n=10), _batch(seed=4, n=7)]
-    val = [_batch(seed=5, n=30)]
-    method = _method(model, _ctx(train=train, val=val), warmup_epochs=0)
-    logs = method.end_epoch(0)
+    val = _batch(seed=5, n=30)
+    method = _method(model, _ctx(train=train), warmup_epochs=0)
+    assert set(method.end_epoch(0)) == {"greedy_speed_b_given_a", "greedy_speed_a_given_b"}
     # ū: mean training feature of each modality over all 17 samples
     for i, m in enumerate(("a", "b")):
         feats = torch.cat([xs[m] @ model.encoders[m].weight.T + model.encoders[m].bias for xs, _ in train])
         torch.testing.assert_close(model.squeeze_mean[i], feats.mean(0))
-    xs, y = val[0]
+    xs, y = val
     mean = {m: model.squeeze_mean[i].double().expand(len(y), -1) for i, m in enumerate(("a", "b"))}
     _, _, full = _hand_parts(model, xs)
     _, _, cut_a = _hand_parts(model, xs, {"b": mean["b"]})              # branch a, b's squeeze → ū_b
@@ -141,15 +145,19 @@ def test_utilization_rate_from_accuracies_and_from_the_unimodal_dnn():
     feats = model.features(xs)
     torch.testing.assert_close(model.cut_logits(feats, "a"), cut_a["a"])
     torch.testing.assert_close(model.cut_logits(feats, "b"), cut_b["b"])
+    torch.testing.assert_close(model.forward_modality("a", xs["a"]), cut_a["a"])   # the uni-modal DNN f'_a
     _, _, zero_cut = _hand_parts(model, xs, {"b": torch.zeros_like(mean["b"])})
     assert (zero_cut["a"] - cut_a["a"]).abs().max() > 1e-3              # the mean matters
 
     acc = lambda z: (z.argmax(1) == y).double().mean().item()
     a_f = acc((full["a"] + full["b"]) / 2)
     a_u = {"a": acc(cut_a["a"]), "b": acc(cut_b["b"])}
-    assert logs["greedy_acc_fused"] == pytest.approx(a_f)
-    assert logs["greedy_acc_branch_a"] == pytest.approx(acc(full["a"]))
-    assert logs["greedy_acc_uni_a"] == pytest.approx(a_u["a"]) and logs["greedy_acc_uni_b"] == pytest.approx(a_u["b"])
+    assert a_u["a"] != a_u["b"] and a_f not in a_u.values()             # the check has power
+    metrics = _metrics(method, val)                                      # what the loop validates
+    assert metrics["accuracy"] == pytest.approx(a_f)
+    assert metrics["per_modality"]["a"]["accuracy"] == pytest.approx(a_u["a"])
+    assert metrics["per_modality"]["b"]["accuracy"] == pytest.approx(a_u["b"])
+    logs = method.on_validation(0, metrics)
     assert logs["greedy_util_b_given_a"] == pytest.approx((a_f - a_u["a"]) / a_f)
     assert logs["greedy_util_a_given_b"] == pytest.approx((a_f - a_u["b"]) / a_f)
     assert logs["greedy_d_util"] == pytest.approx((a_u["b"] - a_u["a"]) / a_f)
@@ -157,6 +165,33 @@ def test_utilization_rate_from_accuracies_and_from_the_unimodal_dnn():
     fused, per = method.predict(xs)
     torch.testing.assert_close(fused, F.softmax((full["a"] + full["b"]) / 2, dim=-1).float())
     torch.testing.assert_close(per["a"], F.softmax(cut_a["a"], dim=-1).float())
+    # "average" / "weight" fuse the BRANCH predictions softmax(ŷ_k), not the cut ones
+    pa, pb = F.softmax(full["a"], dim=-1).float(), F.softmax(full["b"], dim=-1).float()
+    method.fusion = "average"
+    torch.testing.assert_close(method.predict(xs)[0], (pa + pb) / 2)
+    method.fusion = "weight"
+    ha, hb = (-(p * p.log()).sum(1) for p in (pa, pb))
+    wa = (torch.exp(-ha) / (torch.exp(-ha) + torch.exp(-hb)))[:, None]
+    torch.testing.assert_close(method.predict(xs)[0], wa * pa + (1 - wa) * pb)
+
+
+def test_utilization_on_train_reads_the_loops_train_metrics_and_none_measures_nothing():
+    model = _model()
+    asked = []
+    train_metrics = {"accuracy": 0.8, "per_modality": {"a": {"accuracy": 0.6}, "b": {"accuracy": 0.78}}}
+    val_metrics = {"accuracy": 0.5, "per_modality": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.5}}}
+
+    def evaluate(split):
+        asked.append(split)
+        return train_metrics
+    method = _method(model, _ctx(evaluate=evaluate), utilization="train")
+    logs = method.on_validation(0, val_metrics)
+    assert asked == ["train"]
+    assert logs == {"greedy_util_b_given_a": pytest.approx(0.25), "greedy_util_a_given_b": pytest.approx(0.025),
+                    "greedy_d_util": pytest.approx(0.025 - 0.25)}
+    val = _method(model, _ctx(), utilization="val").on_validation(0, train_metrics)   # no evaluation asked
+    assert val["greedy_util_b_given_a"] == pytest.approx(0.25)
+    assert _method(model, _ctx(), utilization=None).on_validation(0, val_metrics) == {}
 
 
 def _snapshot(model):
@@ -172,7 +207,7 @@ def test_rebalancing_steps_train_only_the_slower_branch_for_window_steps():
     method = _method(model, _ctx(lr=0.1), alpha=0.0, window=2, warmup_epochs=0)
     xs, y = _batch(seed=1)
     _, E, _ = _hand_parts(model, xs)
-    logs = method.train_step(xs, y)                                      # normal step, then the trigger
+    logs = method.training_step(Batch(xs, y), make_step(0, 0, 4))        # normal step, then the trigger
     s = {m: math.log10(method.m_bypass[m] / method.m_main[m]) for m in ("a", "b")}
     k = max(s, key=s.get)                                                # the slower modality
     assert method.rebalance_modality == k and method.rebalance_left == 2
@@ -187,7 +222,7 @@ def test_rebalancing_steps_train_only_the_slower_branch_for_window_steps():
         lin = model.heads[k].net[0]
         u = xs2[k] @ model.encoders[k].weight.T + model.encoders[k].bias
         hand = F.cross_entropy((u * model.excite_mean[model.index(k)].double()) @ lin.weight.T + lin.bias, y2)
-        logs = method.train_step(xs2, y2)
+        logs = method.training_step(Batch(xs2, y2), make_step(0, 1 + step, 4))
         assert logs["greedy_rebalancing"] == 1.0 and logs[f"greedy_rebalance_{k}"] == 1.0
         assert logs["greedy_rebalance_loss"] == pytest.approx(hand.item())
         changed = _changed(model, before)
@@ -195,7 +230,7 @@ def test_rebalancing_steps_train_only_the_slower_branch_for_window_steps():
                            f"heads.{k}.net.0.bias"}                      # the slower branch only
         assert method.m_main == main_before                             # no speed update meanwhile
     before = _snapshot(model)
-    logs = method.train_step(*_batch(seed=20))                           # back to a normal step
+    logs = method.training_step(_batch(seed=20), make_step(0, 3, 4))     # back to a normal step
     assert logs["greedy_rebalancing"] == 0.0
     assert _changed(model, before) == set(before)
     assert method.m_main != main_before
@@ -205,24 +240,26 @@ def test_no_rebalancing_during_warmup_nor_below_the_threshold():
     model = _model()
     method = _method(model, _ctx(lr=0.05), alpha=0.0, window=3, warmup_epochs=1)
     for seed in range(3):
-        assert method.train_step(*_batch(seed=seed))["greedy_rebalancing"] == 0.0
+        assert method.training_step(_batch(seed=seed), make_step(0, seed, 3))["greedy_rebalancing"] == 0.0
     assert method.rebalance_left == 0
     method.start_epoch(1)
-    method.train_step(*_batch(seed=5))
+    method.training_step(_batch(seed=5), make_step(1, 0, 3))
     assert method.rebalance_left == 3
     quiet = _method(_model(), _ctx(lr=0.05), alpha=1e6, warmup_epochs=0)
     for seed in range(3):
-        quiet.train_step(*_batch(seed=seed))
+        quiet.training_step(_batch(seed=seed), make_step(0, seed, 3))
     assert quiet.rebalance_left == 0 and quiet.rebalance_modality is None
 
 
 def test_invalid_settings_and_one_modality_are_refused():
-    with pytest.raises(MieInputError):
-        Greedy(alpha=-1)
-    with pytest.raises(MieInputError):
-        Greedy(window=1.5)
-    with pytest.raises(MieInputError):
-        Greedy(fusion="concat")
+    with pytest.raises(MieInputError, match="alpha must be a number >= 0"):
+        create_method("greedy", alpha=-1)
+    with pytest.raises(MieInputError, match="window must be an integer >= 0"):
+        create_method("greedy", window=1.5)
+    with pytest.raises(MieInputError, match="fusion must be one of 'model', 'average', 'weight'"):
+        create_method("greedy", fusion="concat")
+    with pytest.raises(MieInputError, match="utilization must be one of"):
+        create_method("greedy", utilization="test")
     with pytest.raises(MieInputError, match="unimodal"):
         Greedy().setup(_model(mods=("a",)), _ctx())
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import mie
-from conftest import make_arrays
-from mie.methods import create_method
-from mie.train import apply_lr_factor
+from conftest import make_arrays, make_context
+from mie.methods import Method, create_method
+from mie.train import Optimizers
 
 CONFIG = {"train": {"epochs": 4, "batch_size": 32, "lr_step": 2, "lr_gamma": 0.5},
           "model": {"dim": 16, "head_hidden": [16, 8]}}
@@ -17,14 +17,19 @@ def _history(path):
     return list(csv.DictReader((path / "history.csv").open()))
 
 
-def test_factor_keeps_what_a_method_set():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [p], "lr": 0.1}, {"params": [], "lr": 0.0}])
-    apply_lr_factor([opt], 0.5)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.0])
-    opt.param_groups[0]["lr"] = 0.3 * opt.param_groups[0]["lr_factor"]      # a method's own rate, scheduled
-    apply_lr_factor([opt], 0.25)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.3 * 0.25)
+def test_group_rate_is_initial_times_schedule_times_the_methods_scale():
+    class Scaled(Method):
+        def lr_scale(self, group):
+            return {"a": 3.0, "b": 0.0}.get(group, 1.0)
+    p, q, r = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
+    optimizers = Optimizers(mie.config.default_config()["train"])
+    opt = optimizers.make([{"params": [p], "name": "a"}, {"params": [q], "name": "b", "lr": 0.5}, {"params": [r]}])
+    optimizers.apply(0.25, Scaled())
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * 0.25 * 3.0, 0.0, 1e-3 * 0.25])
+    opt.load_state_dict(opt.state_dict())          # new group dicts: the loop still finds the groups
+    optimizers.apply(1.0, Scaled())
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([3e-3, 0.0, 1e-3])
+    assert "lr_factor" not in opt.param_groups[0]
 
 
 def test_joint_steps_down_every_lr_step_epochs(tmp_path):
@@ -49,7 +54,7 @@ def test_stage_lengths_must_name_every_modality():
     method = create_method("mie", epochs_per_stage={"a": 2})
     model = method.build_model(mie.models.ModelSpec(["a", "b"], {"a": (3,), "b": (3,)}, {"a": "mlp", "b": "mlp"}, 2))
     with pytest.raises(mie.MieInputError, match="one length for each modality"):
-        method.setup(model, type("Ctx", (), {"make_optimizer": lambda self, p: torch.optim.SGD(p, lr=0.1)})())
+        method.setup(model, make_context(["a", "b"]))
     with pytest.raises(mie.MieInputError, match="epochs_per_stage must be an integer >= 1 or a mapping"):
         create_method("mie", epochs_per_stage={"a": 0})
 

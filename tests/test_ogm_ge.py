@@ -11,10 +11,11 @@ from torch import nn
 
 import mie
 import mie.methods
+from conftest import make_context, make_step
 from mie.errors import MieInputError
+from mie.methods import Batch, create_method
 from mie.methods.ogm_ge import OGMGE, discrepancy_ratios, modality_scores, ogm_coefficients
 from mie.models import ClassifierHead, LateFusionModel
-from mie.train import TrainContext
 
 K = 3
 ALPHA = 0.8
@@ -54,17 +55,19 @@ def _batch(strong, mods=("a", "v"), n=12, d_in=K, seed=1):
 
 
 def _ctx(mods, epochs=4):
-    return TrainContext(modalities=list(mods), device=torch.device("cpu"),
-                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=0.0),  # grads stay visible
-                        train_batches=lambda: iter(()), val_batches=lambda: iter(()),
-                        epochs_per_modality=epochs, steps_per_epoch=1)
+    return make_context(mods, lr=0.0, epochs_per_modality=epochs)     # lr 0: the gradients stay visible
 
 
-def _method(model, epoch=0, **kw):
+def _method(model, **kw):
     method = OGMGE(**kw)
     method.setup(model, _ctx(model.modalities))
-    method.start_epoch(epoch)
     return method
+
+
+def _train(method, xs, y, epoch=0):
+    """One training step in loop epoch ``epoch``; the logs as floats."""
+    logs = method.training_step(Batch(xs, y), make_step(epoch))
+    return {k: float(v) for k, v in logs.items()}
 
 
 def _raw_grads(model, xs, y):
@@ -95,7 +98,7 @@ def test_dominant_encoder_gradient_is_scaled_by_hand_coefficient(strong):
 
     raw = _raw_grads(model, xs, y)
     method = _method(model, alpha=ALPHA, ge="off")
-    logs = method.train_step(xs, y)
+    logs = _train(method, xs, y)
 
     grads = {name: p.grad for name, p in model.named_parameters()}
     for name, g in grads.items():
@@ -118,7 +121,7 @@ def test_ratio_offset_zero_is_the_released_codes_relu_rho():
     rho = s["a"] / s["v"]
     raw = _raw_grads(model, xs, y)
     method = _method(model, alpha=ALPHA, ge="off", ratio_offset=0.0)
-    logs = method.train_step(xs, y)
+    logs = _train(method, xs, y)
     k = 1 - math.tanh(ALPHA * rho)
     assert logs["ogm_coeff_a"] == pytest.approx(k)
     torch.testing.assert_close(model.encoders["a"].weight.grad, k * raw["encoders.a.weight"])
@@ -152,7 +155,7 @@ def test_three_modalities_ratio_to_mean_of_the_others():
     sc = _hand_ratio(model, xs, y)
     rho_b = sc["b"] / ((sc["a"] + sc["c"]) / 2)
     raw = _raw_grads(model, xs, y)
-    logs = _method(model, alpha=ALPHA, ge="off").train_step(xs, y)
+    logs = _train(_method(model, alpha=ALPHA, ge="off"), xs, y)
     kb = 1 - math.tanh(ALPHA * (rho_b - 1))
     assert logs["ogm_coeff_b"] == pytest.approx(kb)
     for name, p in model.named_parameters():
@@ -168,7 +171,7 @@ def test_ge_noise_recomputed_with_the_same_seed():
     raw = _raw_grads(model, xs, y)
     method = _method(model, alpha=ALPHA, ge="all")
     method.generator.manual_seed(123)
-    method.train_step(xs, y)
+    _train(method, xs, y)
 
     g = torch.Generator().manual_seed(123)
     for m in ("a", "v"):                                   # noise on every encoder, in model order
@@ -189,7 +192,7 @@ def test_ge_noise_std_matches_the_unscaled_gradient_std(ge):
     assert s["a"] > s["v"]
     k = 1 - math.tanh(ALPHA * (s["a"] / s["v"] - 1))
     raw = _raw_grads(model, xs, y)
-    _method(model, alpha=ALPHA, ge=ge).train_step(xs, y)
+    _train(_method(model, alpha=ALPHA, ge=ge), xs, y)
 
     r = raw["encoders.a.weight"]
     noise = model.encoders["a"].weight.grad - k * r
@@ -210,23 +213,58 @@ def test_modulation_only_inside_the_window():
     raw = _raw_grads(model, xs, y)
     method = _method(model, alpha=ALPHA, ge="all", modulation_starts=1, modulation_ends=2)
     for epoch, inside in [(0, False), (1, True), (2, False), (3, False)]:
-        method.start_epoch(epoch)
-        logs = method.train_step(xs, y)
+        logs = _train(method, xs, y, epoch=epoch)
         same = all(torch.equal(p.grad, raw[n]) for n, p in model.named_parameters())
         assert same is (not inside)
         assert (logs["ogm_coeff_a"] < 1.0) is inside
 
 
 def test_invalid_settings_and_one_modality_are_refused():
-    with pytest.raises(MieInputError):
-        OGMGE(alpha=-1)
-    with pytest.raises(MieInputError):
-        OGMGE(ge="sometimes")
-    with pytest.raises(MieInputError):
-        OGMGE(modulation_starts=3, modulation_ends=2)
+    with pytest.raises(MieInputError, match="alpha must be a number >= 0"):
+        create_method("ogm_ge", alpha=-1)
+    with pytest.raises(MieInputError, match="ge must be one of"):
+        create_method("ogm_ge", ge="sometimes")
+    with pytest.raises(MieInputError, match="fusion must be one of"):
+        create_method("ogm_ge", fusion="max")
+    with pytest.raises(MieInputError, match="modulation_ends must be"):
+        create_method("ogm_ge", modulation_starts=3, modulation_ends=2)
+    with pytest.raises(MieInputError, match="unknown parameter"):
+        create_method("ogm", ge="all")                                  # ogm fixes ge="off"
+    assert create_method("ogm").ge == "off"
     model = LateFusionModel({"a": nn.Linear(2, 2)}, {"a": ClassifierHead(2, K, hidden=())})
     with pytest.raises(MieInputError, match="unimodal"):
         OGMGE().setup(model, _ctx(["a"]))
+
+
+def test_inference_fusion_rules():
+    model = _model("a")
+    xs, _ = _batch("a")
+    with torch.no_grad():
+        z = {m: model.heads[m](model.encoders[m](xs[m])) for m in model.modalities}
+    p = {m: F.softmax(v, dim=-1) for m, v in z.items()}
+    method = _method(model)
+    assert method.fusion == "model"
+    model.eval()
+    fused, per = method.predict(xs)
+    torch.testing.assert_close(fused, F.softmax(z["a"] + z["v"], dim=-1).float())   # the training rule: Σ_u z_u
+    for m in ("a", "v"):
+        torch.testing.assert_close(per[m], p[m].float())
+    fused, _ = _method(model, fusion="average").predict(xs)
+    torch.testing.assert_close(fused, ((p["a"] + p["v"]) / 2).float())
+
+
+def test_state_dict_restores_optimizer_and_generator():
+    model = _model("a")
+    xs, y = _batch("a")
+    method = _method(model, alpha=ALPHA, ge="all")
+    _train(method, xs, y)
+    state = copy.deepcopy(method.state_dict())
+    after = [model.encoders["a"].weight.grad.clone() for _ in range(1) if _train(method, xs, y)]
+    other = _method(model, alpha=ALPHA, ge="all")
+    other.generator.manual_seed(99)
+    other.load_state_dict(state)
+    _train(other, xs, y)
+    assert torch.equal(model.encoders["a"].weight.grad, after[0])      # the same GE noise after a resume
 
 
 def _arrays(n=90, seed=0):

@@ -261,3 +261,142 @@ def test_sam_rejects_non_optimizer():
         SAM(SAM(torch.optim.SGD([p], lr=0.1)), rho=0.05)
     with pytest.raises(ValueError):
         SAM(torch.optim.SGD([p], lr=0.1), rho=-0.1)
+
+
+# ---- SAM as a torch.optim.Optimizer --------------------------------------------------------------
+def _closure(params, A, b):
+    def closure():
+        loss = _loss(params, A, b)
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_step_closure_over_many_steps_equals_hand_computed_iterates(momentum):
+    """Five SAM steps with SGD (with and without heavy-ball momentum) against the iterates written
+    out with numpy: g = ∇L(θ), g' = ∇L(θ + ρ g/‖g‖), v ← μv + g', θ ← θ − η v."""
+    A, b, theta = _problem(5)
+    rho, lr = 0.3, 0.05
+    params = _params(theta)
+    sam = SAM(torch.optim.SGD(params, lr=lr, momentum=momentum), rho=rho)
+    closure = _closure(params, A, b)
+    th, v = theta.copy(), np.zeros_like(theta)
+    for _ in range(5):
+        loss = sam.step(closure)
+        assert loss.item() == pytest.approx(0.5 * th @ A @ th - b @ th, rel=1e-12)
+        g = _grad(A, b, th)
+        g_sam = _grad(A, b, th + rho * g / np.linalg.norm(g))
+        v = momentum * v + g_sam if momentum else g_sam
+        th = th - lr * v
+        np.testing.assert_allclose(_flat(params), th, rtol=0, atol=1e-11)
+
+
+def test_step_clears_stale_gradients_before_its_first_pass():
+    A, b, theta = _problem(6)
+    rho, lr = 0.2, 0.1
+    params = _params(theta)
+    for p in params:                                   # left over from somewhere else
+        p.grad = torch.full_like(p, 100.0)
+    SAM(torch.optim.SGD(params, lr=lr), rho=rho).step(_closure(params, A, b))
+    g = _grad(A, b, theta)
+    expected = theta - lr * _grad(A, b, theta + rho * g / np.linalg.norm(g))
+    np.testing.assert_allclose(_flat(params), expected, rtol=0, atol=1e-12)
+
+
+def test_sam_is_an_optimizer_sharing_the_base_param_groups():
+    p = torch.zeros(2, requires_grad=True)
+    base = torch.optim.SGD([p], lr=0.1)
+    sam = SAM(base, rho=0.05)
+    assert isinstance(sam, torch.optim.Optimizer)
+    assert sam.param_groups is base.param_groups
+
+
+def test_a_scheduler_on_sam_drives_the_base_optimizers_rate():
+    A, b, theta = _problem(7)
+    params = _params(theta)
+    base = torch.optim.SGD(params, lr=0.1)
+    sam = SAM(base, rho=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(sam, step_size=2, gamma=0.5)
+    rates = []
+    for _ in range(5):
+        before = _flat(params)
+        sam.step(_closure(params, A, b))
+        th = before
+        g = _grad(A, b, th)
+        expected_lr = base.param_groups[0]["lr"]
+        np.testing.assert_allclose(_flat(params), th - expected_lr * _grad(A, b, th + 0.1 * g / np.linalg.norm(g)),
+                                   rtol=0, atol=1e-12)
+        rates.append(expected_lr)
+        scheduler.step()
+    assert rates == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+
+
+def test_load_state_dict_keeps_the_constructors_rho():
+    p = torch.zeros(2, requires_grad=True)
+    saved = SAM(torch.optim.Adam([p], lr=0.1), rho=0.5).state_dict()
+    sam = SAM(torch.optim.Adam([p], lr=0.1), rho=0.01, adaptive=True)
+    sam.load_state_dict(saved)
+    assert (sam.rho, sam.adaptive) == (0.01, True)
+    assert sam.param_groups is sam.base_optimizer.param_groups
+
+
+def test_base_optimizer_pre_hooks_run_between_the_second_backward_and_the_step():
+    """GM's seam: a hook on the base optimizer sees the SECOND pass's gradient at the restored θ,
+    and whatever it writes into the gradient is what the step uses."""
+    A, b, theta = _problem(8)
+    rho, lr = 0.25, 0.1
+    params = _params(theta)
+    base = torch.optim.SGD(params, lr=lr)
+    seen = []
+
+    def hook(optimizer, args, kwargs):
+        seen.append((_flat(params), torch.cat([p.grad.reshape(-1) for p in params]).numpy().copy()))
+        for p in params:
+            p.grad.mul_(0.5)
+    base.register_step_pre_hook(hook)
+    SAM(base, rho=rho).step(_closure(params, A, b))
+    g = _grad(A, b, theta)
+    g_sam = _grad(A, b, theta + rho * g / np.linalg.norm(g))
+    (at, grad), = seen
+    np.testing.assert_allclose(at, theta, rtol=0, atol=0)              # restored before the hook
+    np.testing.assert_allclose(grad, g_sam, rtol=0, atol=1e-12)         # the second pass's gradient
+    np.testing.assert_allclose(_flat(params), theta - lr * 0.5 * g_sam, rtol=0, atol=1e-12)
+
+
+def test_gm_through_the_hook_in_a_users_own_loop():
+    """The README's recipe: GradientModification on the base optimizer, SAM around it, one
+    ``step(closure)``; the head weight moves by −η (g' · T) and the bias by −η g'."""
+    from mie.optim import GradientModification
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    T = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+    T = T @ torch.diag(torch.tensor([1.0, 0.5, 0.25, 0.9], dtype=torch.float64)) @ T.T
+    rho, lr = 0.05, 0.1
+
+    reference = copy.deepcopy(model)               # the same SAM step written out by hand
+    loss_fn = lambda m: nn.functional.cross_entropy(m(x), y)
+    g = torch.autograd.grad(loss_fn(reference), list(reference.parameters()))
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    with torch.no_grad():
+        perturbed = copy.deepcopy(reference)
+        for p, t in zip(perturbed.parameters(), g):
+            p.add_(rho * t / (norm + 1e-12))
+    g_w, g_b = torch.autograd.grad(loss_fn(perturbed), list(perturbed.parameters()))
+    expected_w = reference.weight.detach() - lr * (g_w @ T.float())
+    expected_b = reference.bias.detach() - lr * g_b
+
+    base = torch.optim.SGD(model.parameters(), lr=lr)
+    gm = GradientModification([model], [T])
+    gm.attach(base)
+    sam = SAM(base, rho=rho, model=model)
+
+    def closure():
+        loss = loss_fn(model)
+        loss.backward()
+        return loss
+    sam.step(closure)
+    assert torch.allclose(model.weight, expected_w, atol=1e-6)
+    assert torch.allclose(model.bias, expected_b, atol=1e-6)
+    assert len(gm.changes) == 1 and float(gm.changes[0]) > 0

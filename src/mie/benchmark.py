@@ -13,7 +13,7 @@ from . import config as config_mod
 from .compare import machine_line, method_config, protocol_line, result_row, results_table, run_line, run_or_load
 from .data import load_dataset
 from .data.mfeat import VIEWS
-from .errors import MieInputError
+from .errors import MieError, MieInputError
 from .io import csv_text, write_text
 from .methods import METHODS
 
@@ -46,7 +46,7 @@ def run_setting(name, methods, seeds, out_dir, overrides=(), progress=None, log=
                     result = run_or_load(run_cfg, seed, data, Path(out_dir) / name / folder / f"seed_{seed}", progress)
                     rows.append({**result_row(result), "method": label})
                     log(f"[{name}] " + run_line(label, result))
-            except MieInputError as e:
+            except MieError as e:   # bad settings for this data, or a diverged run
                 skipped[label] = str(e)
                 rows = [r for r in rows if r["method"] != label]
                 log(f"[{name}] {label}: not run — {e}")

@@ -5,6 +5,7 @@ exits with code 2.
 """
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import distributed
-from .errors import MieInputError
+from .errors import MieError, MieInputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -244,17 +245,32 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """Run one command; every failure is one line on stderr and exit code 2 (130 when interrupted).
+    MIE_DEBUG=1 shows the traceback of a failure that is not the user's input."""
     try:
         args = parse_args(argv)
         COMMANDS[args.command](args)
         distributed.stop()
-    except MieInputError as e:
-        print(f"mie: error: {e}", file=sys.stderr)
-        return 2
+    except MieError as e:
+        return _fail(str(e))
     except KeyboardInterrupt:
         print("mie: interrupted; `mie train ... --resume` continues a run from its last epoch", file=sys.stderr)
         return 130
+    except OSError as e:
+        if os.environ.get("MIE_DEBUG"):
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(f"{e.strerror or e}{where}")
+    except Exception as e:
+        if os.environ.get("MIE_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(e).__name__}: {e} (MIE_DEBUG=1 shows where)")
     return 0
+
+
+def _fail(message):
+    print(f"mie: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from .data.prepare import load_arrays
 from .errors import MieInputError
 from .io import csv_text, write_text
 from .methods import method_params
-from .train import run
+from .train import output_folder, run
 
 
 def method_config(cfg, name, overrides):
@@ -44,8 +44,8 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
     unused = [k for k in overrides if not any(k in method_params(n) for n in methods)]
     if unused:
         raise MieInputError(f"no compared method has parameter(s) {', '.join(unused)}")
+    out = output_folder(out_dir)
     arrays = None if cfg["data"]["dataset"] in DISK_DATASETS else load_arrays(cfg)   # disk: read per run
-    out = Path(out_dir)
     rows = []
     for name in methods:
         for seed in seeds:

@@ -1,24 +1,19 @@
 """Re-compute a run's metrics from its saved checkpoint (``mie eval``)."""
 from pathlib import Path
 
-import torch
-
 from .data import DISK_DATASETS
-from .data.prepare import load_arrays, prepare_arrays
+from .data.prepare import disk_datasets, load_arrays, prepare_arrays
 from .errors import MieInputError
+from .io import read_torch
 from .methods import create_method
 from .models import ModelSpec
-from .train import disk_datasets, evaluate, loader, resolve_device
+from .optim import autocast_forwards
+from .train import evaluate, loader, resolve_device
 
 
 def load_checkpoint(path):
     path = Path(path)
-    if not path.is_file():
-        raise MieInputError(f"no such checkpoint: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise MieInputError(f"cannot read {path} as a mie checkpoint ({type(e).__name__})") from None
+    ckpt = read_torch(path, "cpu", "a mie checkpoint")
     if not isinstance(ckpt, dict) or "spec" not in ckpt:
         raise MieInputError(f"{path} is not a model checkpoint of mie; use checkpoints/best.pt of a run")
     return ckpt
@@ -58,8 +53,10 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", device="auto", root
     dev = resolve_device(device)
     method.model = method.build_model(spec).to(dev)
     method.model.load_state_dict(ckpt["model"])
+    if cfg["train"]["amp"] == "bf16":
+        autocast_forwards(method.model, dev)
     data_loader = loader(dataset, cfg["train"]["batch_size"], num_workers=cfg["train"]["num_workers"])
-    metrics = evaluate(method, data_loader, dev, spec.modalities, cfg["train"].get("amp", "off"))
+    metrics = evaluate(method, data_loader, dev, spec.modalities)
     return {"checkpoint": str(checkpoint), "epoch": ckpt["epoch"], "split": split, **metrics}
 
 

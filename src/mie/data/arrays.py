@@ -59,6 +59,9 @@ class MultimodalArrays:
                 raise MieInputError(f"y must hold integer class labels, got dtype {y.dtype}")
         self.y = y.astype(np.int64)
         n = len(self.y)
+        if n == 0:
+            raise MieInputError(f"{self.name} has no samples (y is empty)")
+        self.x = dict(self.x)     # the float32 copies below must not replace the caller's arrays
         for m, a in self.x.items():
             a = np.asarray(a)
             if a.ndim < 2:
@@ -74,8 +77,6 @@ class MultimodalArrays:
                                     f"(first: sample {int(np.argmax(bad))}); clean or impute them first")
             self.x[m] = a
         k = self.num_classes
-        if n == 0:
-            raise MieInputError(f"{self.name} has no samples")
         if self.y.min() < 0 or self.y.max() >= k:
             raise MieInputError(f"labels must be integers in [0, {k}), found {int(self.y.min())}..{int(self.y.max())}")
         if self.split is not None:

@@ -6,7 +6,7 @@ as lihong2303/AGM).
 
 Model. Encoders φ_m (output size d) feed ONE fusion head g on their concatenation; the fused
 prediction is f(x) = g([φ_1(x_1); …; φ_M(x_M)]) (logits, B × K) — ``joint``'s "concat" model
-(``mie.methods.joint.SharedHeadModel``), as the authors' late-fusion AGM uses a concat fusion. "Removing" modality m means
+(``mie.models.SharedHeadModel``), as the authors' late-fusion AGM uses a concat fusion. "Removing" modality m means
 feeding it an all-zero input (the authors' ``pad_*``): for a coalition S ⊆ N = {1..M} of present
 modalities,
 
@@ -56,6 +56,10 @@ Defaults from the released code: α = 1.0 (``--alpha``), modulation from the fir
 (``--modulation_starts 0``; its ``--modulation_ends 20`` exceeds its default 10 epochs, so the
 default run modulates every epoch — here ``modulation_ends=None``), cap = 10, grad_clip = 1.0.
 
+Inference (``fusion``): "model" (default) predicts softmax(f(N)), the fused output the model is
+trained on; "average" and "weight" fuse the per-modality predictions softmax(o_i)
+(``mie.models.fusion``).
+
 Three or more modalities: the authors' own UR-Funny code (text, audio, video) uses the Shapley
 responses over all 2^M coalitions and the M/(M−1)-scaled ratios above; ``mie`` applies that rule to
 any 2 ≤ M ≤ 8 (2^M head evaluations per step make larger M impractical).
@@ -68,11 +72,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MieInputError
-from ..models import fuse
-from .base import Method
-from ..models import SharedHeadModel
+from ..models import FUSIONS, SharedHeadModel, eval_mode
+from .base import SingleOptimizerMethod, fusion_param
+from .params import Param, number
+from .window import WINDOW_PARAMS, check_window, in_window
 
-AGM_FUSIONS = ("model", "average", "weight")
 MAX_MODALITIES = 8
 
 
@@ -80,13 +84,8 @@ def absent_features(model, xs):
     """{m: φ_m(0) (1, d)}: each encoder on one all-zero sample, in eval mode."""
     out = {}
     for m in model.modalities:
-        enc = model.encoders[m]
-        was_training = enc.training
-        enc.eval()
-        try:
-            out[m] = enc(torch.zeros_like(xs[m][:1]))
-        finally:
-            enc.train(was_training)
+        with eval_mode(model.encoders[m]):
+            out[m] = model.encoders[m](torch.zeros_like(xs[m][:1]))
     return out
 
 
@@ -158,22 +157,19 @@ def scale_grad(x, scale):
     return _ScaleGrad.apply(x, float(scale))
 
 
-class AGM(Method):
+class AGM(SingleOptimizerMethod):
     name = "agm"
+    params = {"alpha": Param(1.0, number(at_least=0), "modulation strength α in c_i = exp(α·min(r̃_i − r_i, cap))"),
+              "cap": Param(10.0, number(), "upper bound of r̃_i − r_i"),
+              "grad_clip": Param(1.0, number(at_least=0, optional=True),
+                                 "clip the gradient norm to this when the fusion layer's gradient leaves "
+                                 "[−grad_clip, grad_clip] (0 or None: off)"),
+              **WINDOW_PARAMS,
+              "fusion": fusion_param("model", FUSIONS)}
 
-    def __init__(self, alpha=1.0, cap=10.0, grad_clip=1.0, modulation_starts=0, modulation_ends=None,
-                 fusion="model"):
-        super().__init__(fusion=fusion)
-        if fusion not in AGM_FUSIONS:
-            raise MieInputError(f"unknown fusion '{fusion}' for AGM; expected one of {AGM_FUSIONS}")
-        if alpha < 0:
-            raise MieInputError(f"alpha must be >= 0, got {alpha}")
-        if grad_clip is not None and grad_clip < 0:
-            raise MieInputError(f"grad_clip must be >= 0 (0 switches it off), got {grad_clip}")
-        self.alpha, self.cap = float(alpha), float(cap)
-        self.grad_clip = float(grad_clip or 0.0)
-        self.modulation_starts = int(modulation_starts)
-        self.modulation_ends = None if modulation_ends is None else int(modulation_ends)
+    @classmethod
+    def check_params(cls, values):
+        check_window(values)
 
     # ---- set-up -----------------------------------------------------------------------
     def build_model(self, spec):
@@ -181,7 +177,6 @@ class AGM(Method):
         return SharedHeadModel.build(spec, "concat")
 
     def setup(self, model, ctx):
-        super().setup(model, ctx)
         if not isinstance(model, SharedHeadModel):
             raise MieInputError(f"AGM trains a feature-fusion SharedHeadModel; got {type(model).__name__}")
         M = len(model.modalities)
@@ -190,18 +185,13 @@ class AGM(Method):
         if M > MAX_MODALITIES:
             raise MieInputError(f"AGM evaluates all 2^M coalitions of modalities per step; M={M} would need "
                                 f"{2 ** M} fusion-head passes. Use at most {MAX_MODALITIES} modalities.")
-        self.optimizer = ctx.make_optimizer(model.parameters())
+        super().setup(model, ctx)
         self.running = {m: 0.0 for m in model.modalities}
         self.iteration = 0
 
-    def modulating(self, epoch):
-        return epoch >= self.modulation_starts and (self.modulation_ends is None or epoch < self.modulation_ends)
-
     # ---- training ---------------------------------------------------------------------
-    def start_epoch(self, epoch):
-        self._epoch = epoch
-
-    def train_step(self, xs, y):
+    def training_step(self, batch, step):
+        xs, y = batch
         mods = self.model.modalities
         outputs = coalition_outputs(self.model, xs)
         resp = shapley_responses(outputs, mods)
@@ -211,40 +201,33 @@ class AGM(Method):
         t = self.iteration
         for m in mods:
             self.running[m] = self.running[m] * (t - 1) / t + scores[m] / t
-        used = coeffs if self.modulating(self._epoch) else {m: 1.0 for m in mods}
+        modulating = in_window(step.epoch, self.modulation_starts, self.modulation_ends)
+        used = coeffs if modulating else {m: 1.0 for m in mods}
         out = sum(scale_grad(resp[m], used[m]) for m in mods)
         loss = F.cross_entropy(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_clip > 0:
+        if self.grad_clip:
             g = self.model.head.linears[-1].weight.grad
             if g is not None and (g.max() > self.grad_clip or g.min() < -self.grad_clip):
                 nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.grad_clip)
         self.optimizer.step()
-        logs = {"loss": loss.item()}
+        logs = {"loss": loss.detach()}
         logs.update({f"agm_coeff_{m}": used[m] for m in mods})
         logs.update({f"agm_score_{m}": scores[m] for m in mods})
         return logs
 
     # ---- inference --------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, xs):
-        mods = self.model.modalities
+    def logits(self, xs):
+        """({m: the Shapley response o_m}, f(N))."""
         outputs = coalition_outputs(self.model, xs)
-        resp = shapley_responses(outputs, mods)
-        per_modality = {m: F.softmax(resp[m].float(), dim=-1) for m in mods}
-        if self.fusion == "model":
-            fused = F.softmax(outputs[frozenset(mods)].float(), dim=-1)
-        else:
-            fused = fuse(torch.stack([per_modality[m] for m in mods]), self.fusion)
-        return fused, per_modality
+        return shapley_responses(outputs, self.model.modalities), outputs[frozenset(self.model.modalities)]
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "running": dict(self.running),
-                "iteration": self.iteration}
+        return {**super().state_dict(), "running": dict(self.running), "iteration": self.iteration}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.running = dict(state["running"])
         self.iteration = int(state["iteration"])

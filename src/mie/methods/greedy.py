@@ -23,11 +23,16 @@ other modality's squeeze input replaced by its mean over the training set, ū_j 
 
     ŷ'_k = h_k(u_k ⊙ σ(W_k ReLU(W_s [ū_1; …; u_k; …; ū_M] + b_s) + b_k))
 
-Conditional utilization rate (the paper's diagnostic, measured here after every epoch on the
-validation data; A = accuracy): the gain in accuracy when the model has access to the other
-modalities in addition to modality k,
+Conditional utilization rate (the paper's diagnostic, measured here after every epoch; A =
+accuracy): the gain in accuracy when the model has access to the other modalities in addition to
+modality k,
 
     u(others | k) = (A(ŷ) − A(ŷ'_k)) / A(ŷ),        d_util = u(m_1|m_0) − u(m_0|m_1)  (M = 2).
+
+It is read from the loop's own metrics, no extra pass: with ``utilization="val"`` (default) the
+validation metrics of the epoch, with "train" ``ctx.evaluate("train")``; A(ŷ) is their fused
+accuracy and A(ŷ'_k) modality k's accuracy (the per-modality prediction is ŷ'_k, see Inference).
+Under ``fusion="average"`` or "weight" A(ŷ) is the accuracy of that fused prediction instead.
 
 Conditional learning speed (the paper's proxy for u, computed from the gradients of every normal
 step, as ``Bias_Mitigation_Strong.compute_BDR``). For a group of parameter tensors θ,
@@ -78,6 +83,10 @@ What is kept and what is adapted:
   * u is measured on validation every epoch (the paper measures it once, on test, after training).
   * the per-modality prediction reported by ``mie`` (``val_acc_<m>``) is ŷ'_k, the uni-modal DNN.
 
+Inference (``fusion``): "model" (default) predicts softmax(ŷ), the model's own prediction;
+"average" and "weight" fuse the BRANCH predictions softmax(ŷ_k) (``mie.models.fusion``). Modality
+k's own prediction is softmax(ŷ'_k) under every rule.
+
 Defaults and their sources: α = 0.01 (``Bias_Mitigation_Strong.epsilon`` in
 ``configs/training_guided.gin``; BalanceBenchmark uses 0.001), Q = 5
 (``curation_windowsize``; BalanceBenchmark ``window_size: 5``), warmup_epochs = 1
@@ -95,8 +104,8 @@ Logged per step (averaged per epoch): ``loss`` (normal steps), ``greedy_rebalanc
 ``greedy_rebalancing`` (fraction of re-balancing steps), ``greedy_rebalance_<m>`` (fraction of
 steps re-balancing m), ``greedy_d_speed`` (normal steps). After each epoch: ``greedy_speed_<o>_given_<m>``
 (s(o|m), o = the other modality, or "others" for M ≥ 3), ``greedy_util_<o>_given_<m>``,
-``greedy_d_util``, and the accuracies behind u: ``greedy_acc_fused``, ``greedy_acc_branch_<m>`` (ŷ_m)
-and ``greedy_acc_uni_<m>`` (ŷ'_m).
+``greedy_d_util``; the accuracies behind u are the run's ``val_accuracy`` (A(ŷ)) and
+``val_acc_<m>`` (A(ŷ'_m)).
 """
 import math
 
@@ -104,27 +113,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MieInputError
-from ..models import ClassifierHead, build_encoders, fuse
-from .base import Method, require_two_modalities
-
-GREEDY_FUSIONS = ("average", "weight")
-UTILIZATION_SPLITS = ("val", "train", None)
+from ..models import FUSIONS, LateFusionModel, eval_mode, fused_prediction
+from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
+from .params import Param, number, one_of
 
 
-class GreedyModel(nn.Module):
-    """Branches φ_k → (MMTM excitation) → h_k; ``forward(xs)`` → {k: ŷ_k (B, K)}.
+class GreedyModel(LateFusionModel):
+    """Branches φ_k → (MMTM excitation) → h_k; ``forward(xs)`` → {k: ŷ_k (B, K)};
+    ``forward_modality(k, x_k)`` → ŷ'_k, the uni-modal DNN.
 
     Buffers (saved with the model, so checkpoints and ``mie eval`` carry them): ``excite_mean``
     (M, d): Ē_k, ``excite_count``: normal steps averaged into it, ``squeeze_mean`` (M, d): ū_k.
     """
 
     def __init__(self, encoders, heads, dim, ratio=4):
-        super().__init__()
-        if list(encoders) != list(heads):
-            raise ValueError("encoders and heads must name the same modalities in the same order")
-        self.encoders = nn.ModuleDict(encoders)
-        self.heads = nn.ModuleDict(heads)
+        super().__init__(encoders, heads)
         M = len(encoders)
         hidden = max(1, int(2 * M * dim / ratio))
         self.squeeze = nn.Linear(M * dim, hidden)
@@ -133,26 +136,15 @@ class GreedyModel(nn.Module):
         self.register_buffer("excite_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("squeeze_mean", torch.zeros(M, dim))
 
-    @property
-    def modalities(self):
-        return list(self.encoders)
-
     def index(self, m):
         return self.modalities.index(m)
 
-    # ---- parameter groups ----------------------------------------------------------------
-    def branch_parameters(self, m):
-        """θ_m: encoder φ_m and head h_m (the branch's "main" path)."""
-        return list(self.encoders[m].parameters()) + list(self.heads[m].parameters())
-
     def bypass_parameters(self, m):
-        """θ_{→m}: the shared squeeze layer and branch m's excitation layer."""
+        """θ_{→m}: the shared squeeze layer and branch m's excitation layer (θ_m, the branch's
+        "main" path, is ``modality_parameters(m)``: φ_m and h_m)."""
         return list(self.squeeze.parameters()) + list(self.excite[m].parameters())
 
     # ---- forward pieces -------------------------------------------------------------------
-    def features(self, xs):
-        return {m: self.encoders[m](xs[m]) for m in self.modalities}
-
     def excitations(self, feats):
         """{m: E_m = σ(W_m ReLU(W_s [u_1; …; u_M] + b_s) + b_m)} (B, d)."""
         z = F.relu(self.squeeze(torch.cat([feats[m] for m in self.modalities], dim=-1)))
@@ -166,11 +158,15 @@ class GreedyModel(nn.Module):
         return self.branch_logits(feats, self.excitations(feats))
 
     def cut_logits(self, feats, m):
-        """ŷ'_m: branch m with every other modality's squeeze input replaced by ū (its mean)."""
-        batch = feats[m].shape[0]
-        squeezed = {v: f if v == m else self.squeeze_mean[self.index(v)].to(f.dtype).expand(batch, -1)
-                    for v, f in feats.items()}
-        return self.heads[m](feats[m] * self.excitations(squeezed)[m])
+        """ŷ'_m: branch m with every other modality's squeeze input replaced by ū (its mean);
+        needs ``feats[m]`` only."""
+        u = feats[m]
+        squeezed = {v: u if v == m else self.squeeze_mean[self.index(v)].to(u.dtype).expand(u.shape[0], -1)
+                    for v in self.modalities}
+        return self.heads[m](u * self.excitations(squeezed)[m])
+
+    def forward_modality(self, m, x):
+        return self.cut_logits({m: self.encoders[m](x)}, m)
 
     def rebalance_logits(self, x, m):
         """ŷ''_m = h_m(φ_m(x_m) ⊙ Ē_m): branch m on its own modality with the running-mean excitation."""
@@ -188,9 +184,7 @@ class GreedyModel(nn.Module):
 
     @classmethod
     def build(cls, spec, ratio=4):
-        encoders = build_encoders(spec)
-        heads = {m: ClassifierHead(spec.dim, spec.num_classes, spec.head_hidden) for m in spec.modalities}
-        return cls(encoders, heads, spec.dim, ratio)
+        return super().build(spec, spec.dim, ratio)
 
 
 # ---- the paper's quantities, as plain functions ------------------------------------------------
@@ -234,57 +228,37 @@ def utilization_rates(acc_fused, acc_uni):
     return {k: (acc_fused - a) / acc_fused if acc_fused > 0 else math.nan for k, a in acc_uni.items()}
 
 
-class Greedy(Method):
+class Greedy(SingleOptimizerMethod):
     name = "greedy"
-
-    def __init__(self, alpha=0.01, window=5, warmup_epochs=1, ratio=4, utilization="val", fusion="average"):
-        super().__init__(fusion=fusion)
-        if fusion not in GREEDY_FUSIONS:
-            raise MieInputError(f"unknown fusion '{fusion}' for greedy; expected one of {GREEDY_FUSIONS} "
-                                "('average': softmax of the mean branch logits, the model's prediction)")
-        if not alpha >= 0:
-            raise MieInputError(f"alpha (the speed-imbalance threshold) must be >= 0, got {alpha}")
-        if isinstance(window, bool) or int(window) != window or window < 0:
-            raise MieInputError(f"window (re-balancing steps per trigger) must be an integer >= 0, got {window}")
-        if isinstance(warmup_epochs, bool) or int(warmup_epochs) != warmup_epochs or warmup_epochs < 0:
-            raise MieInputError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs}")
-        if not ratio > 0:
-            raise MieInputError(f"ratio (MMTM squeeze reduction) must be > 0, got {ratio}")
-        if utilization not in UTILIZATION_SPLITS:
-            raise MieInputError(f"utilization must be 'val', 'train' or None (no measurement), got {utilization!r}")
-        self.alpha, self.window, self.warmup_epochs = float(alpha), int(window), int(warmup_epochs)
-        self.ratio, self.utilization = ratio, utilization
+    params = {
+        "alpha": Param(0.01, number(at_least=0), "speed-imbalance threshold α"),
+        "window": Param(5, number(at_least=0, integer=True), "re-balancing steps Q per trigger"),
+        "warmup_epochs": Param(1, number(at_least=0, integer=True), "loop epochs before re-balancing may start"),
+        "ratio": Param(4, number(above=0), "MMTM squeeze reduction ratio"),
+        "utilization": Param("val", one_of("val", "train", None),
+                             "split the utilization rate u is measured on (None: not measured)"),
+        "fusion": fusion_param("model", FUSIONS),
+    }
 
     # ---- set-up -----------------------------------------------------------------------
     def build_model(self, spec):
         return GreedyModel.build(spec, self.ratio)
 
     def setup(self, model, ctx):
-        if not isinstance(model, GreedyModel):
-            raise MieInputError(f"greedy trains a GreedyModel (branches joined by an MMTM fusion layer); "
-                                f"got {type(model).__name__}")
         require_two_modalities(model, self.name)
         super().setup(model, ctx)
-        self.optimizer = ctx.make_optimizer(model.parameters())
         self.m_main = {m: 0.0 for m in model.modalities}
         self.m_bypass = {m: 0.0 for m in model.modalities}
         self.rebalance_left = 0
         self.rebalance_modality = None
-        self._epoch = 0
-
-    def active(self, epoch=None):
-        """Whether re-balancing may be triggered in loop epoch ``epoch`` (after the warm-up)."""
-        return (self._epoch if epoch is None else epoch) >= self.warmup_epochs
 
     def _other(self, m):
         mods = self.model.modalities
         return [v for v in mods if v != m][0] if len(mods) == 2 else "others"
 
     # ---- training ---------------------------------------------------------------------
-    def start_epoch(self, epoch):
-        self._epoch = epoch
-
-    def train_step(self, xs, y):
+    def training_step(self, batch, step):
+        xs, y = batch
         mods = self.model.modalities
         if self.rebalance_left > 0:
             return self._rebalance_step(self.rebalance_modality, xs, y)
@@ -296,28 +270,27 @@ class Greedy(Method):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         speeds = self.accumulate_speeds()
-        target = rebalance_target(speeds, self.alpha) if self.active() and self.window > 0 else None
+        active = step.epoch >= self.warmup_epochs and self.window > 0
+        target = rebalance_target(speeds, self.alpha) if active else None
         if target is not None:
             self.rebalance_modality, self.rebalance_left = target, self.window
         self.optimizer.step()
-        logs = {"loss": loss.item(), "greedy_rebalancing": 0.0, "greedy_d_speed": speed_imbalance(speeds)}
+        logs = {"loss": loss.detach(), "greedy_rebalancing": 0.0, "greedy_d_speed": speed_imbalance(speeds)}
         logs.update({f"greedy_rebalance_{m}": 0.0 for m in mods})
         return logs
 
     def _rebalance_step(self, k, xs, y):
         loss = F.cross_entropy(self.model.rebalance_logits(xs[k], k), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()                      # reaches φ_k and h_k only
-        self.optimizer.step()
+        self.minimize(loss)                  # reaches φ_k and h_k only
         self.rebalance_left -= 1
-        logs = {"greedy_rebalance_loss": loss.item(), "greedy_rebalancing": 1.0}
+        logs = {"greedy_rebalance_loss": loss.detach(), "greedy_rebalancing": 1.0}
         logs.update({f"greedy_rebalance_{m}": float(m == k) for m in self.model.modalities})
         return logs
 
     def accumulate_speeds(self):
         """Add μ(θ_k) and μ(θ_{→k}) of the gradients now in the model to M_main, M_bypass; return s."""
         for m in self.model.modalities:
-            self.m_main[m] += grad_param_ratio(self.model.branch_parameters(m))
+            self.m_main[m] += grad_param_ratio(self.model.modality_parameters(m))
             self.m_bypass[m] += grad_param_ratio(self.model.bypass_parameters(m))
         return self.speeds()
 
@@ -328,83 +301,69 @@ class Greedy(Method):
     # ---- between epochs -----------------------------------------------------------------
     def end_epoch(self, epoch):
         self.update_squeeze_mean()
-        speeds = self.speeds()
-        logs = {f"greedy_speed_{self._other(m)}_given_{m}": s for m, s in speeds.items()}
-        if self.utilization is not None:
-            logs.update(self.measure_utilization())
-        return logs
+        return {f"greedy_speed_{self._other(m)}_given_{m}": s for m, s in self.speeds().items()}
 
     @torch.no_grad()
     def update_squeeze_mean(self):
         """ū_k = mean over the training set of φ_k(x_k), the encoders in eval mode."""
         model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            sums, n = None, 0
+        sums, n = None, 0
+        with eval_mode(model):
             for xs, _ in self.ctx.train_batches():
                 feats = model.features(xs)
                 batch = torch.stack([feats[m].double().sum(dim=0) for m in model.modalities])
                 sums = batch if sums is None else sums + batch
                 n += next(iter(feats.values())).shape[0]
-            if n:
-                model.squeeze_mean.copy_((sums / n).to(model.squeeze_mean.dtype))
-        finally:
-            model.train(was_training)
+        if n:
+            model.squeeze_mean.copy_((sums / n).to(model.squeeze_mean.dtype))
 
-    @torch.no_grad()
-    def measure_utilization(self):
-        """A(ŷ), A(ŷ_k), A(ŷ'_k) and u(others|k) over the chosen split, in eval mode."""
-        model = self.model
-        batches = self.ctx.val_batches if self.utilization == "val" else self.ctx.train_batches
-        was_training = model.training
-        model.eval()
-        correct_f, correct_b, correct_u, n = 0, {}, {}, 0
-        try:
-            for xs, y in batches():
-                feats = model.features(xs)
-                logits = model.branch_logits(feats, model.excitations(feats))
-                fused = torch.stack([logits[m] for m in model.modalities]).mean(dim=0)
-                correct_f += int((fused.argmax(dim=1) == y).sum())
-                for m in model.modalities:
-                    correct_b[m] = correct_b.get(m, 0) + int((logits[m].argmax(dim=1) == y).sum())
-                    correct_u[m] = correct_u.get(m, 0) + int((model.cut_logits(feats, m).argmax(dim=1) == y).sum())
-                n += len(y)
-        finally:
-            model.train(was_training)
-        if n == 0:
+    def on_validation(self, epoch, metrics):
+        """u(others|k) from the fused and per-modality (ŷ'_k) accuracies of the chosen split."""
+        if self.utilization is None:
             return {}
-        acc_f = correct_f / n
-        acc_u = {m: c / n for m, c in correct_u.items()}
-        util = utilization_rates(acc_f, acc_u)
-        logs = {"greedy_acc_fused": acc_f}
-        logs.update({f"greedy_acc_branch_{m}": c / n for m, c in correct_b.items()})
-        logs.update({f"greedy_acc_uni_{m}": a for m, a in acc_u.items()})
-        logs.update({f"greedy_util_{self._other(m)}_given_{m}": u for m, u in util.items()})
+        if self.utilization == "train":
+            metrics = self.ctx.evaluate("train")
+        acc_u = {m: metrics["per_modality"][m]["accuracy"] for m in self.model.modalities}
+        util = utilization_rates(metrics["accuracy"], acc_u)
+        logs = {f"greedy_util_{self._other(m)}_given_{m}": u for m, u in util.items()}
         logs["greedy_d_util"] = speed_imbalance(util)
         return logs
 
     # ---- inference --------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, xs):
+    def _outputs(self, xs):
+        """({k: ŷ'_k}, {k: ŷ_k})."""
         model = self.model
         feats = model.features(xs)
-        logits = model.branch_logits(feats, model.excitations(feats))
-        per_modality = {m: F.softmax(model.cut_logits(feats, m).float(), dim=-1) for m in model.modalities}
-        if self.fusion == "average":      # the model's prediction ŷ = mean of the branch logits
-            fused = F.softmax(torch.stack([logits[m] for m in model.modalities]).float().mean(dim=0), dim=-1)
-        else:
-            fused = fuse(torch.stack([F.softmax(logits[m].float(), dim=-1) for m in model.modalities]), self.fusion)
-        return fused, per_modality
+        branch = model.branch_logits(feats, model.excitations(feats))
+        return {m: model.cut_logits(feats, m) for m in model.modalities}, branch
+
+    @staticmethod
+    def _mean(branch):
+        """ŷ = (1/M) Σ_k ŷ_k, in float32."""
+        return torch.stack(list(branch.values())).float().mean(dim=0)
+
+    def logits(self, xs):
+        cut, branch = self._outputs(xs)
+        return cut, self._mean(branch)
+
+    @torch.no_grad()
+    def predict(self, xs):
+        """Per modality softmax(ŷ'_k); fused: softmax(ŷ) ("model"), or the branch predictions
+        softmax(ŷ_k) fused by "average" / "weight"."""
+        cut, branch = self._outputs(xs)
+        per_modality = {m: F.softmax(z.float(), dim=-1) for m, z in cut.items()}
+        if self.fusion == "model":
+            return fused_prediction("model", per_modality, self._mean(branch)), per_modality
+        branch_probs = {m: F.softmax(z.float(), dim=-1) for m, z in branch.items()}
+        return fused_prediction(self.fusion, branch_probs), per_modality
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "m_main": dict(self.m_main),
-                "m_bypass": dict(self.m_bypass), "rebalance_left": self.rebalance_left,
-                "rebalance_modality": self.rebalance_modality}
+        return {**super().state_dict(), "m_main": dict(self.m_main), "m_bypass": dict(self.m_bypass),
+                "rebalance_left": self.rebalance_left, "rebalance_modality": self.rebalance_modality}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.m_main = dict(state["m_main"])
         self.m_bypass = dict(state["m_bypass"])
         self.rebalance_left = int(state["rebalance_left"])

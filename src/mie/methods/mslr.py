@@ -6,17 +6,21 @@ Findings of ACL 2022, pp. 1824–1834 (aclanthology.org/2022.findings-acl.143).
 Model: additive late fusion — one encoder φ_m and head h_m per modality (``LateFusionModel``), the
 prediction is the SUM of the unimodal predictions, trained on one cross-entropy:
 
-    z_m = h_m(φ_m(x_m)),    z = Σ_m z_m  (``fusion="sum"``, the paper's; "mean": z = (1/M) Σ_m z_m),
+    z_m = h_m(φ_m(x_m)),    z = Σ_m z_m  (``aggregation="sum"``, the paper's; "mean": z = (1/M) Σ_m z_m),
     L = CE(z, y).
 
-One optimizer with ONE PARAMETER GROUP PER MODALITY, θ_m = parameters of φ_m and h_m (the additive
-fusion has no parameters of its own). With η the run's ``train.lr``, group m's learning rate is
+One optimizer with ONE PARAMETER GROUP PER MODALITY, named by the modality, θ_m = parameters of φ_m
+and h_m (the additive fusion has no parameters of its own). With η the run's ``train.lr`` (× the
+loop's step schedule), group m's learning rate is
 
-    η_m(t) = η · r_m(t),        r_m(0) = ``lr_scale[m]``  (1 where not given).
+    η_m(t) = η · r_m(t),        r_m(0) = ``initial_scale[m]``  (1 where not given),
 
-Strategies for r_m (updated in ``end_epoch`` after epoch t, so they act from epoch t+1 on). Let
-a_m(t) be modality m's own validation accuracy (argmax of z_m alone, over ``ctx.val_batches()`` in
-eval mode) and W_m(t) = the last min(t+1, H) values a_m(t−H+1), …, a_m(t), H = ``history``:
+r_m(t) being what ``lr_scale(m)`` returns to the loop at the start of epoch t.
+
+Strategies for r_m (updated in ``on_validation`` after epoch t, so they act from epoch t+1 on). Let
+a_m(t) be modality m's own validation accuracy (argmax of z_m alone: the loop's validation metrics,
+``metrics["per_modality"][m]["accuracy"]``) and W_m(t) = the last min(t+1, H) values
+a_m(t−H+1), …, a_m(t), H = ``history``:
 
     keep:     r_m(t+1) = r_m(t)                                     fixed multipliers
     dynamic:  r_m(t+1) = r_m(t) · a_m(t) / mean(W_m(t))    when (t+1) mod H = 0, else r_m(t)
@@ -26,11 +30,15 @@ eval mode) and W_m(t) = the last min(t+1, H) values a_m(t−H+1), …, a_m(t), H
 recent average speeds up, one that falls below it slows down — each on its own evidence, so the
 rule is the same for any number of modalities M ≥ 2.
 
+Inference (``fusion``): "model" (default) predicts softmax(z), the training rule (sum or mean of the
+logits, per ``aggregation``); "average" and "weight" fuse the per-modality predictions
+(``mie.models.fusion``).
+
 Sources and what is ours. The paper builds the late-fusion model from unimodal models fine-tuned
 with their own best learning rates and compares three strategies for the per-modality rates; "keep"
-keeps each modality's unimodal rate (here: ``lr_scale``, which a user sets from unimodal runs, e.g.
-``mie.fit(..., method="unimodal")`` with several ``train.lr``). The text of the paper's "smooth" and
-"dynamic" rules was NOT available to us when this file was written (only the abstract); "dynamic"
+keeps each modality's unimodal rate (here: ``initial_scale``, which a user sets from unimodal runs,
+e.g. ``mie.fit(..., method="unimodal")`` with several ``train.lr``). The text of the paper's "smooth"
+and "dynamic" rules was NOT available to us when this file was written (only the abstract); "dynamic"
 follows the public re-implementation we could read (an MSLR trainer whose header says it was
 written from the paper: per-encoder param groups, a 5-epoch buffer of validation accuracies, and
 lr ← lr · acc_now / mean(buffer) every 5 epochs; default strategy "dynamic", history 5). "smooth" is
@@ -38,18 +46,26 @@ this library's per-epoch form of the same ratio (small steps every epoch instead
 epochs). Check both against the paper before quoting numbers as the paper's. Also different from the
 paper: modalities start from scratch here (no unimodal pre-fine-tuning), as every ``mie`` method does.
 
-Logged by ``end_epoch``: ``mslr_lr_<m>`` (η_m for the next epoch) and, for smooth/dynamic,
-``mslr_val_acc_<m>`` (a_m(t)) and ``mslr_ratio_<m>`` (the factor applied, 1 when none was).
+Logged by ``on_validation``: ``mslr_lr_<m>`` (η_m for the next epoch, at this epoch's schedule factor)
+and, for smooth/dynamic, ``mslr_val_acc_<m>`` (a_m(t)) and ``mslr_ratio_<m>`` (the factor applied, 1
+when none was).
 """
 import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from .base import Method, require_two_modalities
-from .multihead import output_metrics
+from ..models import FUSIONS
+from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
+from .params import Param, number, one_of
 
 STRATEGIES = ("keep", "smooth", "dynamic")
-FUSIONS = ("sum", "mean")
+AGGREGATIONS = ("sum", "mean")
+
+
+def scale_map(v):
+    """Check of ``initial_scale``: None, or a mapping modality → number > 0."""
+    ok = v is None or (isinstance(v, dict) and all(number(above=0)(s) is None for s in v.values()))
+    return None if ok else "None or a mapping modality → number > 0, e.g. {pix: 1.0, zer: 10.0}"
 
 
 def accuracy_ratio(window):
@@ -71,89 +87,70 @@ def mslr_update(scales, windows, strategy, epoch, history):
     return {m: scales[m] * ratios[m] for m in scales}, ratios
 
 
-class MSLR(Method):
+class MSLR(SingleOptimizerMethod):
     name = "mslr"
-
-    def __init__(self, strategy="dynamic", lr_scale=None, history=5, fusion="sum"):
-        if strategy not in STRATEGIES:
-            raise MieInputError(f"unknown strategy '{strategy}' for MSLR; expected one of {STRATEGIES}")
-        if fusion not in FUSIONS:
-            raise MieInputError(f"unknown fusion '{fusion}' for MSLR; expected 'sum' (the paper's additive "
-                                "late fusion) or 'mean'")
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise MieInputError(f"history must be an integer >= 1, got {history!r}")
-        if lr_scale is not None:
-            if not isinstance(lr_scale, dict):
-                raise MieInputError(f"lr_scale must map modality names to learning-rate multipliers, "
-                                    f"e.g. {{pix: 1.0, zer: 10.0}}; got {lr_scale!r}")
-            for m, s in lr_scale.items():
-                if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
-                    raise MieInputError(f"lr_scale[{m!r}] must be a number > 0, got {s!r}")
-            lr_scale = {str(m): float(s) for m, s in lr_scale.items()}
-        super().__init__(fusion=fusion)
-        self.strategy, self.lr_scale, self.history = strategy, lr_scale, history
+    params = {
+        "strategy": Param("dynamic", one_of(*STRATEGIES), "rule for r_m: keep | smooth | dynamic"),
+        "initial_scale": Param(None, scale_map, "r_m(0) per modality, e.g. {pix: 1.0, zer: 10.0} (1 where not given)"),
+        "history": Param(5, number(at_least=1, integer=True), "H: validation accuracies in the window"),
+        "aggregation": Param("sum", one_of(*AGGREGATIONS), "training logits z = Σ_m z_m (sum) or their mean"),
+        "fusion": fusion_param("model", FUSIONS),
+    }
 
     # ---- set-up -----------------------------------------------------------------------
     def setup(self, model, ctx):
-        super().setup(model, ctx)
         require_two_modalities(model, self.name)
-        unknown = sorted(set(self.lr_scale or {}) - set(model.modalities))
+        initial = {str(m): float(s) for m, s in (self.initial_scale or {}).items()}
+        unknown = sorted(set(initial) - set(model.modalities))
         if unknown:
-            raise MieInputError(f"lr_scale names unknown modality {', '.join(unknown)}; the data has "
+            raise MieInputError(f"initial_scale names unknown modality {', '.join(unknown)}; the data has "
                                 f"{', '.join(model.modalities)}")
-        self.optimizer = ctx.make_optimizer([{"params": model.modality_parameters(m)} for m in model.modalities])
-        self.base_lr = {m: float(g["lr"]) for m, g in self.groups.items()}      # η (train.lr)
-        self.scales = {m: (self.lr_scale or {}).get(m, 1.0) for m in model.modalities}
+        super().setup(model, ctx)
+        self.scales = {m: initial.get(m, 1.0) for m in model.modalities}
         self.windows = {m: [] for m in model.modalities}
-        self._apply()
 
-    @property
-    def groups(self):
-        """{m: modality m's param group} (looked up each time: ``load_state_dict`` replaces the dicts)."""
-        return dict(zip(self.model.modalities, self.optimizer.param_groups))
+    def parameter_groups(self, model):
+        return [{"params": model.modality_parameters(m), "name": m} for m in model.modalities]
 
-    def _apply(self):
-        for m, g in self.groups.items():
-            g["lr"] = self.base_lr[m] * self.scales[m] * g.get("lr_factor", 1.0)   # × the loop's schedule
+    def lr_scale(self, group):
+        return self.scales.get(group, 1.0)
 
     # ---- training ---------------------------------------------------------------------
-    def fused_logits(self, logits):
+    def aggregate(self, logits):
+        """z = Σ_m z_m, or (1/M) Σ_m z_m (``aggregation``)."""
         z = torch.stack(list(logits.values())).sum(dim=0)
-        return z / len(logits) if self.fusion == "mean" else z
+        return z / len(logits) if self.aggregation == "mean" else z
 
-    def train_step(self, xs, y):
-        loss = F.cross_entropy(self.fused_logits(self.model(xs)), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item()}
+    def training_step(self, batch, step):
+        xs, y = batch
+        loss = F.cross_entropy(self.aggregate(self.model(xs)), y)
+        self.minimize(loss)
+        return {"loss": loss.detach()}
 
-    def end_epoch(self, epoch):
-        logs = {}
+    def on_validation(self, epoch, metrics):
+        logs, ratios = {}, {m: 1.0 for m in self.model.modalities}
         if self.strategy != "keep":
-            metrics = output_metrics(self.model, self.ctx.val_batches())
             for m in self.model.modalities:
-                self.windows[m] = (self.windows[m] + [metrics[m]["accuracy"]])[-self.history:]
-                logs[f"mslr_val_acc_{m}"] = metrics[m]["accuracy"]
+                accuracy = metrics["per_modality"][m]["accuracy"]
+                self.windows[m] = (self.windows[m] + [accuracy])[-self.history:]
+                logs[f"mslr_val_acc_{m}"] = accuracy
             self.scales, ratios = mslr_update(self.scales, self.windows, self.strategy, epoch, self.history)
-            self._apply()
             logs.update({f"mslr_ratio_{m}": r for m, r in ratios.items()})
-        logs.update({f"mslr_lr_{m}": float(g["lr"]) for m, g in self.groups.items()})
+        # the rate this epoch trained with (η · schedule · r_m(t)) × the factor applied to r_m
+        logs.update({f"mslr_lr_{g['name']}": float(g["lr"]) * ratios[g["name"]] for g in self.optimizer.param_groups})
         return logs
 
     # ---- inference --------------------------------------------------------------------
-    def fuse(self, logits, probs):
-        """The training rule: softmax of Σ_m z_m (or of their mean)."""
-        return F.softmax(self.fused_logits({m: z.float() for m, z in logits.items()}), dim=-1)
+    def logits(self, xs):
+        per = {m: z.float() for m, z in self.model(xs).items()}
+        return per, self.aggregate(per)
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "scales": dict(self.scales),
-                "windows": {m: list(w) for m, w in self.windows.items()}, "base_lr": dict(self.base_lr)}
+        return {**super().state_dict(), "scales": dict(self.scales),
+                "windows": {m: list(w) for m, w in self.windows.items()}}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.scales = dict(state["scales"])
         self.windows = {m: list(w) for m, w in state["windows"].items()}
-        self.base_lr = dict(state["base_lr"])
-        self._apply()

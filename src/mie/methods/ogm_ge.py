@@ -56,6 +56,10 @@ benchmark; its README's VGGSound setting is 0.1; BML ``train_ogm.sh`` uses 0.8);
 whole budget (the OGM-GE README trains 100 epochs and modulates epochs 0–50; BML modulates 0–60 or
 0–80 of 100 and skips epochs 0–5 as warm-up: set ``modulation_starts``/``modulation_ends`` to match).
 
+Inference (``fusion``): "model" (default) predicts softmax(z) = softmax(Σ_u z_u), the rule the model
+is trained with; "average" and "weight" fuse the per-modality predictions softmax(z_u)
+(``mie.models.fusion``).
+
 Logged per step and averaged per epoch by the loop: ``ogm_ratio_<m>`` (ρ_m) and ``ogm_coeff_<m>``
 (the k_m actually applied; 1 outside the window).
 """
@@ -65,10 +69,21 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from .base import Method, require_two_modalities
+from ..models import FUSIONS
+from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
+from .params import Param, number, one_of
+from .window import WINDOW_PARAMS, check_window, in_window
 
 GE_MODES = ("all", "dominant", "off")
 SCOPES = ("encoder", "encoder_weights")
+
+# OGM's hyper-parameters, shared with OPM + OGM
+OGM_PARAMS = {
+    "alpha": Param(0.8, number(at_least=0), "modulation strength α in k = 1 − tanh(α·relu(ρ − c))"),
+    "ratio_offset": Param(1.0, number(at_least=0), "c: 1 for relu(ρ − 1), 0 for the released codes' relu(ρ)"),
+    "ge": Param("all", one_of(*GE_MODES), "GE noise on every encoder | the modulated ones only | off (plain OGM)"),
+    "scope": Param("encoder", one_of(*SCOPES), "modulate every encoder tensor | only tensors with >= 2 dims"),
+}
 
 
 # ---- the discrepancy measure, shared with OPM -------------------------------------------------
@@ -112,88 +127,6 @@ def modulate_gradients(params, k, noise=True, generator=None, weights_only=False
             g.add_((eps * (std + 1e-8)).to(g.dtype))
 
 
-def _window_check(modulation_starts, modulation_ends):
-    if isinstance(modulation_starts, bool) or not isinstance(modulation_starts, int) or modulation_starts < 0:
-        raise MieInputError(f"modulation_starts must be an epoch index >= 0, got {modulation_starts!r}")
-    if modulation_ends is not None and (isinstance(modulation_ends, bool) or not isinstance(modulation_ends, int)
-                                        or modulation_ends <= modulation_starts):
-        raise MieInputError(f"modulation_ends must be None or an epoch index > modulation_starts "
-                            f"({modulation_starts}), got {modulation_ends!r}")
-
-
-class OnTheFlyModulation(Method):
-    """What OGM-GE, OPM and their combination share: joint training of a ``LateFusionModel`` on the
-    sum of per-modality logits with one optimizer, a modulation window, a seeded random generator
-    (saved with the run), and inference with the rule the model was trained with."""
-
-    def __init__(self, modulation_starts=0, modulation_ends=None, fusion="average"):
-        super().__init__(fusion=fusion)
-        _window_check(modulation_starts, modulation_ends)
-        if fusion not in ("average", "weight"):
-            raise MieInputError(f"unknown fusion '{fusion}' for method '{self.name}'; expected 'average' "
-                                "(softmax of the summed logits, the training rule) or 'weight'")
-        self.modulation_starts, self.modulation_ends = modulation_starts, modulation_ends
-        self._epoch = 0
-
-    def setup(self, model, ctx):
-        super().setup(model, ctx)
-        require_two_modalities(model, self.name)
-        self.optimizer = ctx.make_optimizer(model.parameters())
-        # A generator of its own (seeded from the run's seed) so the noise and the drops are
-        # reproducible and resumable, whatever else draws random numbers.
-        self.generator = torch.Generator(device=ctx.device)
-        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-
-    def start_epoch(self, epoch):
-        self._epoch = epoch
-
-    def active(self, epoch=None):
-        """Whether modulation acts in loop epoch ``epoch`` (default: the current one)."""
-        epoch = self._epoch if epoch is None else epoch
-        return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch < self.modulation_ends)
-
-    def fuse(self, logits, probs):
-        if self.fusion == "average":  # the training rule: softmax of Σ_u z_u
-            return F.softmax(torch.stack(list(logits.values())).float().sum(dim=0), dim=-1)
-        return super().fuse(logits, probs)
-
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"].cpu())
-
-
-class OGMGE(OnTheFlyModulation):
-    name = "ogm_ge"
-
-    def __init__(self, alpha=0.8, ratio_offset=1.0, ge="all", scope="encoder", modulation_starts=0,
-                 modulation_ends=None, fusion="average"):
-        super().__init__(modulation_starts, modulation_ends, fusion)
-        if not alpha >= 0:
-            raise MieInputError(f"alpha must be >= 0, got {alpha}")
-        if not ratio_offset >= 0:
-            raise MieInputError(f"ratio_offset must be >= 0 (1: relu(ρ−1), 0: the released code's relu(ρ)), "
-                                f"got {ratio_offset}")
-        if ge not in GE_MODES:
-            raise MieInputError(f"unknown ge '{ge}'; expected one of {GE_MODES}")
-        if scope not in SCOPES:
-            raise MieInputError(f"unknown scope '{scope}'; expected one of {SCOPES}")
-        self.alpha, self.ratio_offset, self.ge, self.scope = float(alpha), float(ratio_offset), ge, scope
-
-    def train_step(self, xs, y):
-        logits = self.model(xs)
-        loss = F.cross_entropy(sum(logits.values()), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ratios = discrepancy_ratios(modality_scores(logits, y))
-        logs = apply_ogm(self.model, ratios, self.alpha, self.ratio_offset, self.ge, self.scope, self.generator,
-                         self.active())
-        self.optimizer.step()
-        return {"loss": loss.item(), **logs}
-
-
 def apply_ogm(model, ratios, alpha, ratio_offset, ge, scope, generator, active=True):
     """OGM(-GE) on the gradients already in ``model``: scale each modality's encoder gradients by
     k_m (from ``ratios``) and add GE noise as ``ge`` says; nothing when not ``active``.
@@ -208,3 +141,55 @@ def apply_ogm(model, ratios, alpha, ratio_offset, ge, scope, generator, active=T
     logs = {f"ogm_ratio_{m}": r for m, r in ratios.items()}
     logs.update({f"ogm_coeff_{m}": k for m, k in coeffs.items()})
     return logs
+
+
+class OnTheFlyModulation(SingleOptimizerMethod):
+    """What OGM-GE, OPM and their combination share: joint training of a ``LateFusionModel`` on the
+    sum of per-modality logits with one optimizer, a modulation window, a seeded random generator
+    (saved with the run), and the summed logits as the model's fused output."""
+
+    params = {**WINDOW_PARAMS, "fusion": fusion_param("model", FUSIONS)}
+
+    @classmethod
+    def check_params(cls, values):
+        check_window(values)
+
+    def setup(self, model, ctx):
+        require_two_modalities(model, self.name)
+        super().setup(model, ctx)
+        # A generator of its own (seeded from the run's seed) so the noise and the drops are
+        # reproducible and resumable, whatever else draws random numbers.
+        self.generator = torch.Generator(device=ctx.device)
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def active(self, step):
+        """Whether modulation acts at ``step`` (its epoch lies in the window)."""
+        return in_window(step.epoch, self.modulation_starts, self.modulation_ends)
+
+    def logits(self, xs):
+        per = self.model(xs)
+        return per, torch.stack(list(per.values())).float().sum(dim=0)     # z = Σ_u z_u, the training rule
+
+    def state_dict(self):
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"].cpu())
+
+
+class OGMGE(OnTheFlyModulation):
+    name = "ogm_ge"
+    params = {**OGM_PARAMS, **OnTheFlyModulation.params}
+
+    def training_step(self, batch, step):
+        xs, y = batch
+        logits = self.model(xs)
+        loss = F.cross_entropy(sum(logits.values()), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ratios = discrepancy_ratios(modality_scores(logits, y))
+        logs = apply_ogm(self.model, ratios, self.alpha, self.ratio_offset, self.ge, self.scope, self.generator,
+                         self.active(step))
+        self.optimizer.step()
+        return {"loss": loss.detach(), **logs}

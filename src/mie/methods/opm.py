@@ -38,6 +38,9 @@ Defaults from the authors' code: q_base = 0.5, λ = 0.5, p_exe = 0.7 (``main.py`
 ``scripts/train_opm.sh``; ``config.py`` holds q_base = 0.4). Their ``main.py`` also skips OPM in epochs
 0–5 as warm-up: ``modulation_starts=6`` reproduces that; the default here modulates from epoch 0.
 
+Inference (``fusion``) as in OGM-GE: "model" (default) is softmax(Σ_u z_u) on the undropped features
+(nothing is dropped at inference); "average" and "weight" fuse the per-modality predictions.
+
 Logged per step (averaged per epoch by the loop): ``opm_ratio_<m>``, ``opm_q_<m>`` (0 outside the
 window) and ``opm_executed`` (the fraction of steps whose drop was executed).
 """
@@ -46,10 +49,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import MieInputError
 from .ogm_ge import OnTheFlyModulation, discrepancy_ratios, modality_scores
+from .params import Param, number, one_of
 
 RESCALES = ("modality", "shared")
+
+OPM_PARAMS = {
+    "q_base": Param(0.5, number(at_least=0, at_most=1), "base drop probability q_base"),
+    "lam": Param(0.5, number(at_least=0), "λ: how fast q grows with the dominant modality's lead"),
+    "p_exe": Param(0.7, number(at_least=0, at_most=1), "probability that a step executes the drop"),
+    "rescale": Param("modality", one_of(*RESCALES),
+                     "kept features × 1/(1 − q_u) per modality | × 1/(1 − θ) for all (the released code)"),
+}
 
 
 def drop_probabilities(ratios, q_base, lam):
@@ -70,27 +81,15 @@ def drop_samples(f, q, generator=None):
 
 class OPM(OnTheFlyModulation):
     name = "opm"
+    params = {**OPM_PARAMS, **OnTheFlyModulation.params}
 
-    def __init__(self, q_base=0.5, lam=0.5, p_exe=0.7, rescale="modality", modulation_starts=0,
-                 modulation_ends=None, fusion="average"):
-        super().__init__(modulation_starts, modulation_ends, fusion)
-        if not 0.0 <= q_base <= 1.0:
-            raise MieInputError(f"q_base must be in [0, 1], got {q_base}")
-        if not lam >= 0:
-            raise MieInputError(f"lam must be >= 0, got {lam}")
-        if not 0.0 <= p_exe <= 1.0:
-            raise MieInputError(f"p_exe must be in [0, 1], got {p_exe}")
-        if rescale not in RESCALES:
-            raise MieInputError(f"unknown rescale '{rescale}'; expected one of {RESCALES}")
-        self.q_base, self.lam, self.p_exe, self.rescale = float(q_base), float(lam), float(p_exe), rescale
-
-    def forward_opm(self, xs, y):
+    def forward_opm(self, xs, y, step):
         """(fused logits used for the loss, undropped per-modality logits {m: z_m}, ratios, q, executed)."""
         model = self.model
-        feats = {m: model.encoders[m](xs[m]) for m in model.modalities}
+        feats = model.features(xs)
         logits = {m: model.heads[m](f) for m, f in feats.items()}
         ratios = discrepancy_ratios(modality_scores(logits, y))
-        active = self.active()
+        active = self.active(step)
         q = drop_probabilities(ratios, self.q_base, self.lam) if active else {m: 0.0 for m in ratios}
         executed = False
         if active:
@@ -114,18 +113,19 @@ class OPM(OnTheFlyModulation):
                 terms.append(model.heads[m](f) if q[m] > 0 else logits[m])
         return sum(terms), logits, ratios, q, True
 
-    def train_step(self, xs, y):
-        z, logits, ratios, q, executed = self.forward_opm(xs, y)
+    def training_step(self, batch, step):
+        xs, y = batch
+        z, logits, ratios, q, executed = self.forward_opm(xs, y, step)
         loss = F.cross_entropy(z, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        logs = {"loss": loss.item(), "opm_executed": float(executed)}
+        logs = {"loss": loss.detach(), "opm_executed": float(executed)}
         logs.update({f"opm_ratio_{m}": r for m, r in ratios.items()})
         logs.update({f"opm_q_{m}": v for m, v in q.items()})
-        logs.update(self.after_backward(ratios))
+        logs.update(self.after_backward(ratios, step))
         self.optimizer.step()
         return logs
 
-    def after_backward(self, ratios):
+    def after_backward(self, ratios, step):
         """Hook between backward and the optimizer step (OPM+OGM modulates gradients here)."""
         return {}

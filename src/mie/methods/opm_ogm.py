@@ -18,29 +18,17 @@ Both act only in loop epochs ``modulation_starts <= epoch < modulation_ends``. T
 computes the OGM coefficients from the same undropped scores that set q, and its OGM defaults to
 the GE variant (``--modulation OGM_GE``), as here (``ge="off"`` gives OPM + plain OGM).
 Defaults: q_base = 0.5, λ = 0.5, p_exe = 0.7 (``train_opm.sh``), α = 0.8 (``train_ogm.sh``);
-``ratio_offset``, ``ge``, ``scope`` and ``rescale`` as documented in OGM-GE and OPM.
+``ratio_offset``, ``ge``, ``scope``, ``rescale`` and the inference ``fusion`` ("model": softmax(Σ_u z_u))
+as documented in OGM-GE and OPM.
 """
-from ..errors import MieInputError
-from .ogm_ge import GE_MODES, SCOPES, apply_ogm
+from .ogm_ge import OGM_PARAMS, apply_ogm
 from .opm import OPM
 
 
 class OPMOGM(OPM):
     name = "opm_ogm"
+    params = {**OPM.params, **OGM_PARAMS}
 
-    def __init__(self, q_base=0.5, lam=0.5, p_exe=0.7, alpha=0.8, ratio_offset=1.0, ge="all", scope="encoder",
-                 rescale="modality", modulation_starts=0, modulation_ends=None, fusion="average"):
-        super().__init__(q_base, lam, p_exe, rescale, modulation_starts, modulation_ends, fusion)
-        if not alpha >= 0:
-            raise MieInputError(f"alpha must be >= 0, got {alpha}")
-        if not ratio_offset >= 0:
-            raise MieInputError(f"ratio_offset must be >= 0, got {ratio_offset}")
-        if ge not in GE_MODES:
-            raise MieInputError(f"unknown ge '{ge}'; expected one of {GE_MODES}")
-        if scope not in SCOPES:
-            raise MieInputError(f"unknown scope '{scope}'; expected one of {SCOPES}")
-        self.alpha, self.ratio_offset, self.ge, self.scope = float(alpha), float(ratio_offset), ge, scope
-
-    def after_backward(self, ratios):
+    def after_backward(self, ratios, step):
         return apply_ogm(self.model, ratios, self.alpha, self.ratio_offset, self.ge, self.scope, self.generator,
-                         self.active())
+                         self.active(step))

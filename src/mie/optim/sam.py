@@ -36,6 +36,8 @@ class SAM(torch.optim.Optimizer):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("SAM wraps a torch.optim.Optimizer instance, "
                             f"got {type(base_optimizer).__name__}")
+        if isinstance(base_optimizer, SAM):
+            raise TypeError("SAM wraps a base optimizer (SGD, Adam, …), not another SAM")
         if not rho >= 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
         super().__init__(base_optimizer.param_groups, dict(base_optimizer.defaults))
