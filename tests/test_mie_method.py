@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import make_context, make_step
 from mie.errors import MieInputError
 from mie.methods import MIE, create_method
 from mie.models import LateFusionModel, ModelSpec
 from mie.optim import flat_modification_matrix
-from mie.train import TrainContext
 
 MODS = ["a", "b", "c"]
 SHAPES = {"a": (5,), "b": (6,), "c": (7,)}
@@ -44,10 +44,7 @@ def _batches(n=3, size=6, seed=1):
 
 
 def _ctx(batches):
-    return TrainContext(modalities=list(MODS), device=torch.device("cpu"),
-                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=LR),
-                        train_batches=lambda: iter(batches), val_batches=lambda: iter(batches[:1]),
-                        epochs_per_modality=2, steps_per_epoch=len(batches))
+    return make_context(MODS, lr=LR, train_batches=batches, epochs_per_modality=2, steps_per_epoch=len(batches))
 
 
 def _setup(batches=None, **kw):
@@ -114,7 +111,7 @@ def _check_step(model, method, epoch, j, k, sam, batch):
     wrong_T = _reference(model, j, method.T[j], xs[j], y, sam)[0]           # T^(j) instead of T^(k)
     no_gm = _reference(model, j, None, xs[j], y, sam)[0]
 
-    logs = method.train_step(xs, y)
+    logs = method.training_step((xs, y), make_step(epoch))
     assert set(logs) == {f"loss_{j}"}
     assert logs[f"loss_{j}"] == pytest.approx(loss, rel=1e-10)
 
@@ -187,7 +184,7 @@ def test_bad_hyper_parameters():
 @pytest.mark.parametrize("epoch,j,k", [(0, "a", "c"), (1, "b", "a"), (2, "c", "b"), (3, "a", "c")])
 def test_gm_step_uses_previous_modality_T(epoch, j, k):
     model, method = _setup(sam=False, gm=True)
-    method.T = _random_Ts(model, seed=10 + epoch)
+    method.use_matrices(_random_Ts(model, seed=10 + epoch))
     assert method.stage(epoch)[:2] == (j, k)
     method.start_epoch(epoch)
     batches = _batches()
@@ -197,7 +194,7 @@ def test_gm_step_uses_previous_modality_T(epoch, j, k):
 
 def test_gm_step_custom_order():
     model, method = _setup(sam=False, gm=True, order=["b", "c", "a"])
-    method.T = _random_Ts(model, seed=3)
+    method.use_matrices(_random_Ts(model, seed=3))
     method.start_epoch(0)
     _check_step(model, method, 0, "b", "a", sam=False, batch=_batches()[0])
 
@@ -205,7 +202,7 @@ def test_gm_step_custom_order():
 @pytest.mark.parametrize("epoch,j,k", [(0, "a", "c"), (1, "b", "a")])
 def test_sam_then_gm_step(epoch, j, k):
     model, method = _setup(sam=True, gm=True)
-    method.T = _random_Ts(model, seed=20 + epoch)
+    method.use_matrices(_random_Ts(model, seed=20 + epoch))
     method.start_epoch(epoch)
     batches = _batches()
     xs, y = batches[0]
@@ -220,25 +217,25 @@ def test_sam_then_gm_step(epoch, j, k):
 def test_sam_only_step_leaves_gradient_unmodified():
     model, method = _setup(sam=True, gm=False)
     Ts = _random_Ts(model, seed=5)
-    method.T = Ts                              # must be ignored when gm=False
+    method.use_matrices(Ts)                              # must be ignored when gm=False
     method.start_epoch(0)
     xs, y = _batches()[0]
     old = [p.detach().clone() for p in model.modality_parameters("a")]
     expected = _reference(model, "a", None, xs["a"], y, sam=True)[0]
-    method.train_step(xs, y)
+    method.training_step((xs, y), make_step(0))
     for p, o, e in zip(model.modality_parameters("a"), old, expected):
         torch.testing.assert_close(p.detach() - o, e, rtol=1e-5, atol=1e-10)
 
 
 def test_iteration_alternation_steps_every_modality():
     model, method = _setup(sam=False, gm=True, alternation="iteration")
-    method.T = _random_Ts(model, seed=7)
+    method.use_matrices(_random_Ts(model, seed=7))
     method.start_epoch(0)
     xs, y = _batches()[0]
     prev = {"a": "c", "b": "a", "c": "b"}
     old = {m: [p.detach().clone() for p in model.modality_parameters(m)] for m in MODS}
     expected = {m: _reference(model, m, method.T[prev[m]], xs[m], y, sam=False)[0] for m in MODS}
-    logs = method.train_step(xs, y)
+    logs = method.training_step((xs, y), make_step(0))
     assert set(logs) == {"loss_a", "loss_b", "loss_c"}
     for m in MODS:
         for p, o, e in zip(model.modality_parameters(m), old[m], expected[m]):
@@ -271,7 +268,7 @@ def test_recompute_after_stage():
 
     method.start_epoch(0)
     for xs, y in batches:
-        method.train_step(xs, y)
+        method.training_step((xs, y), make_step(0))
     method.end_epoch(0)                     # not the end of the stage: nothing recomputed
     for m in MODS:
         for t, t0 in zip(method.T[m], initial[m]):
@@ -279,7 +276,7 @@ def test_recompute_after_stage():
 
     method.start_epoch(1)
     for xs, y in batches:
-        method.train_step(xs, y)
+        method.training_step((xs, y), make_step(1))
     method.end_epoch(1)                     # end of a's stage: T^(a) recomputed, others untouched
     assert model.training
     expected = _hand_T(model, "a", batches)
@@ -322,12 +319,12 @@ def test_recompute_uses_eval_mode():
 def test_end_epoch_logs():
     batches = _batches(n=3, size=6, seed=13)
     model, method = _setup(batches=batches, sam=False, gm=True, epochs_per_stage=2)
-    method.T = _random_Ts(model, seed=9, symmetric=True)
+    method.use_matrices(_random_Ts(model, seed=9, symmetric=True))
     method.start_epoch(0)
     changes = []
     for xs, y in batches:
         changes.append(_reference(model, "a", method.T["c"], xs["a"], y, sam=False)[1])
-        method.train_step(xs, y)
+        method.training_step((xs, y), make_step(0))
     logs = method.end_epoch(0)
 
     assert logs["active"] == "a"
@@ -347,7 +344,7 @@ def test_end_epoch_without_gm_has_no_gm_logs():
     model, method = _setup(sam=True, gm=False)
     method.start_epoch(0)
     xs, y = _batches()[0]
-    method.train_step(xs, y)
+    method.training_step((xs, y), make_step(0))
     logs = method.end_epoch(0)
     assert logs == {"active": "a"}
 
@@ -357,11 +354,11 @@ def test_recomputed_T_used_after_a_full_cycle():
     stage must then use the new T^(a), not the one it used a cycle before."""
     batches = _batches(n=2, size=5, seed=14)
     model, method = _setup(batches=batches, sam=False, gm=True, epochs_per_stage=1)
-    method.T = _random_Ts(model, seed=15, symmetric=True)
+    method.use_matrices(_random_Ts(model, seed=15, symmetric=True))
     for epoch in range(4):                   # stages a, b, c, a
         method.start_epoch(epoch)
         for xs, y in batches:
-            method.train_step(xs, y)
+            method.training_step((xs, y), make_step(epoch))
         method.end_epoch(epoch)
     for t, e in zip(method.T["a"], _hand_T(model, "a", batches)):
         torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
@@ -372,11 +369,11 @@ def test_recomputed_T_used_after_a_full_cycle():
 def test_iteration_alternation_recomputes_every_T():
     batches = _batches(n=2, size=5, seed=16)
     model, method = _setup(batches=batches, sam=True, gm=True, alternation="iteration")
-    method.T = _random_Ts(model, seed=17, symmetric=True)
+    method.use_matrices(_random_Ts(model, seed=17, symmetric=True))
     prev = {"a": "c", "b": "a", "c": "b"}
     method.start_epoch(0)
     for xs, y in batches:
-        method.train_step(xs, y)
+        method.training_step((xs, y), make_step(0))
     logs = method.end_epoch(0)
     assert logs["gm_source"] == "c"          # the matrix used by the first modality of the cycle
     for m in MODS:
@@ -387,7 +384,7 @@ def test_iteration_alternation_recomputes_every_T():
     xs, y = batches[0]
     old = {m: [p.detach().clone() for p in model.modality_parameters(m)] for m in MODS}
     expected = {m: _reference(model, m, method.T[prev[m]], xs[m], y, sam=True)[0] for m in MODS}
-    method.train_step(xs, y)
+    method.training_step((xs, y), make_step(1))
     for m in MODS:
         for p, o, e in zip(model.modality_parameters(m), old[m], expected[m]):
             torch.testing.assert_close(p.detach() - o, e, rtol=1e-5, atol=1e-10)
@@ -456,9 +453,8 @@ def test_gm_scope_takes_layers_from_the_output_back_to_a_parameter_share():
 def test_gm_scope_pairs_layers_from_the_output_and_skips_other_sizes():
     model = _image_model()
     method = create_method("mie", gm_scope=1.0, sam=False)
-    method.setup(model, TrainContext(["img", "spec"], torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1),
-                                     None, None, 1, 1))
-    pairs = method._pairs("spec", "img")
+    method.setup(model, make_context(["img", "spec"]))
+    pairs = [(l, t) for l, t in zip(method.layers["spec"], method.gm_hooks["spec"].matrices) if t is not None]
     layers = method.layers["spec"]
     assert len(pairs) == len(layers) - 1                     # the 1-channel stem differs from the 3-channel one
     assert all(t.shape[0] == method_input for (l, t), method_input in
@@ -479,7 +475,7 @@ def test_mie_trains_with_gm_on_the_encoders():
     assert result["method_params"]["gm_scope"] == 0.5 and np.isfinite(result["test"]["accuracy"])
     assert rows[1]["gm_T_dist_identity"] > 0 and rows[1]["gm_grad_rel_change"] > 0   # spec's layers shaped by T^(img)
     assert rows[1]["gm_layers"] > 2                                                   # the head's 2 and encoder layers
-    with pytest.raises(MieInputError, match="gm_scope must be a share of the parameters in"):
+    with pytest.raises(MieInputError, match=r"gm_scope must be a number in \[0, 1\], got 1.5"):
         create_method("mie", gm_scope=1.5)
 
 
@@ -489,8 +485,7 @@ def test_checkpoint_keeps_batch_means_and_rebuilds_T():
     method = create_method("mie", gm_scope=1.0, sam=False)
     batches = [({"img": torch.randn(4, 3, 8, 8), "spec": torch.randn(4, 1, 8, 8)}, torch.tensor([0, 1, 2, 0]))
                for _ in range(3)]
-    ctx = TrainContext(["img", "spec"], torch.device("cpu"), lambda p: torch.optim.SGD(p, lr=0.1),
-                       lambda: iter(batches), None, 1, 1)
+    ctx = make_context(["img", "spec"], train_batches=batches)
     method.setup(model, ctx)
     method.recompute(["img"])
     state = method.state_dict()

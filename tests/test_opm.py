@@ -12,11 +12,12 @@ from torch import nn
 
 import mie
 import mie.methods
+from conftest import make_context, make_step
 from mie.errors import MieInputError
+from mie.methods import Batch, create_method
 from mie.methods.opm import OPM, drop_probabilities, drop_samples
 from mie.methods.opm_ogm import OPMOGM
 from mie.models import ClassifierHead, LateFusionModel
-from mie.train import TrainContext
 
 K = 3
 D = 4
@@ -50,18 +51,20 @@ def _batch(strong, mods=("a", "v"), n=48, seed=1):
 
 
 def _ctx(mods):
-    return TrainContext(modalities=list(mods), device=torch.device("cpu"),
-                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=0.0),  # grads stay visible
-                        train_batches=lambda: iter(()), val_batches=lambda: iter(()),
-                        epochs_per_modality=4, steps_per_epoch=1)
+    return make_context(mods, lr=0.0, epochs_per_modality=4)     # lr 0: the gradients stay visible
 
 
-def _setup(cls, model, seed=5, epoch=0, **kw):
+def _setup(cls, model, seed=5, **kw):
     method = cls(**kw)
     method.setup(model, _ctx(model.modalities))
-    method.start_epoch(epoch)
     method.generator.manual_seed(seed)
     return method
+
+
+def _train(method, xs, y, epoch=0):
+    """One training step in loop epoch ``epoch``; the logs as floats."""
+    logs = method.training_step(Batch(xs, y), make_step(epoch))
+    return {k: float(v) for k, v in logs.items()}
 
 
 def _scores(model, xs, y):
@@ -124,7 +127,7 @@ def test_only_the_dominant_modality_is_dropped_and_rescaled(strong):
 
     seen = _record_head_inputs(model)
     method = _setup(OPM, model, p_exe=1.0)
-    logs = method.train_step(xs, y)
+    logs = _train(method, xs, y)
 
     assert logs["opm_executed"] == 1.0
     assert logs[f"opm_q_{strong}"] == pytest.approx(q) and logs[f"opm_q_{weak}"] == 0.0
@@ -150,7 +153,7 @@ def test_shared_rescale_is_the_released_codes_theta():
     with torch.no_grad():
         f = {m: model.encoders[m](xs[m]) for m in model.modalities}
     seen = _record_head_inputs(model)
-    _setup(OPM, model, p_exe=1.0, rescale="shared").train_step(xs, y)
+    _train(_setup(OPM, model, p_exe=1.0, rescale="shared"), xs, y)
     torch.testing.assert_close(seen["a"][1], f["a"] * keep[:, None] / (1 - theta))
     torch.testing.assert_close(seen["v"][1], f["v"] / (1 - theta))
 
@@ -160,12 +163,12 @@ def test_no_drop_without_execution_or_outside_the_window():
     xs, y = _batch("a")
     plain = F.cross_entropy(sum(model.heads[m](model.encoders[m](xs[m])) for m in model.modalities), y).item()
     seen = _record_head_inputs(model)
-    logs = _setup(OPM, model, p_exe=0.0).train_step(xs, y)
+    logs = _train(_setup(OPM, model, p_exe=0.0), xs, y)
     assert logs["opm_executed"] == 0.0 and logs["loss"] == pytest.approx(plain)
     assert len(seen["a"]) == len(seen["v"]) == 1
-    method = _setup(OPM, model, epoch=0, p_exe=1.0, modulation_starts=1)
+    method = _setup(OPM, model, p_exe=1.0, modulation_starts=1)
     state = method.generator.get_state()
-    logs = method.train_step(xs, y)
+    logs = _train(method, xs, y)
     assert logs["opm_executed"] == 0.0 and logs["opm_q_a"] == 0.0 and logs["loss"] == pytest.approx(plain)
     assert torch.equal(method.generator.get_state(), state)            # outside the window: no draw at all
 
@@ -174,7 +177,7 @@ def test_p_exe_is_the_fraction_of_executed_steps():
     model = _model("a")
     xs, y = _batch("a", n=12)
     method = _setup(OPM, model, p_exe=0.7)
-    executed = [method.train_step(xs, y)["opm_executed"] for _ in range(300)]
+    executed = [_train(method, xs, y)["opm_executed"] for _ in range(300)]
     assert np.mean(executed) == pytest.approx(0.7, abs=0.08)
 
 
@@ -195,7 +198,7 @@ def test_opm_ogm_scales_the_dominant_encoder_of_the_dropped_loss():
     F.cross_entropy(z, y).backward()
     raw = {n: p.grad for n, p in ref.named_parameters()}
 
-    logs = _setup(OPMOGM, model, p_exe=1.0, alpha=alpha, ge="off").train_step(xs, y)
+    logs = _train(_setup(OPMOGM, model, p_exe=1.0, alpha=alpha, ge="off"), xs, y)
     assert logs["ogm_coeff_a"] == pytest.approx(k) and logs["ogm_coeff_v"] == 1.0
     assert logs["opm_q_a"] == pytest.approx(q)
     for name, p in model.named_parameters():
@@ -203,11 +206,30 @@ def test_opm_ogm_scales_the_dominant_encoder_of_the_dropped_loss():
 
 
 def test_invalid_settings_are_refused():
-    for kw in ({"q_base": 1.5}, {"p_exe": -0.1}, {"lam": -1}, {"rescale": "none"}):
-        with pytest.raises(MieInputError):
-            OPM(**kw)
-    with pytest.raises(MieInputError):
-        OPMOGM(ge="maybe")
+    for kw in ({"q_base": 1.5}, {"p_exe": -0.1}, {"lam": -1}, {"rescale": "none"}, {"fusion": "max"},
+               {"modulation_starts": 2, "modulation_ends": 2}):
+        with pytest.raises(MieInputError, match=f"{next(iter(kw)) if len(kw) == 1 else 'modulation_ends'} must be"):
+            create_method("opm", **kw)
+    with pytest.raises(MieInputError, match="ge must be one of"):
+        create_method("opm_ogm", ge="maybe")
+    with pytest.raises(MieInputError, match="unknown parameter"):
+        create_method("opm", alpha=0.5)                                 # OGM's α belongs to opm_ogm
+
+
+def test_inference_is_the_sum_of_undropped_logits():
+    model = _model("a")
+    xs, _ = _batch("a")
+    with torch.no_grad():
+        z = {m: model.heads[m](model.encoders[m](xs[m])) for m in model.modalities}
+    model.eval()
+    for cls in (OPM, OPMOGM):
+        method = _setup(cls, model, p_exe=1.0)
+        state = method.generator.get_state()
+        fused, per = method.predict(xs)
+        assert method.fusion == "model"
+        torch.testing.assert_close(fused, F.softmax(z["a"] + z["v"], dim=-1).float())
+        torch.testing.assert_close(per["a"], F.softmax(z["a"], dim=-1).float())
+        assert torch.equal(method.generator.get_state(), state)        # nothing is dropped at inference
 
 
 def _arrays(n=90, seed=0):
@@ -235,9 +257,9 @@ def test_state_dict_restores_optimizer_and_generator():
     model = _model("a")
     xs, y = _batch("a")
     method = _setup(OPM, model, p_exe=1.0)
-    method.train_step(xs, y)
+    _train(method, xs, y)
     state = copy.deepcopy(method.state_dict())
-    after = [method.train_step(xs, y)["loss"] for _ in range(3)]
+    after = [_train(method, xs, y)["loss"] for _ in range(3)]
     other = _setup(OPM, model, seed=99, p_exe=1.0)
     other.load_state_dict(state)
-    assert [other.train_step(xs, y)["loss"] for _ in range(3)] == after   # same drops after a resume
+    assert [_train(other, xs, y)["loss"] for _ in range(3)] == after      # same drops after a resume

@@ -281,6 +281,12 @@ class MIE(Method):
             self.T[m] = c.flat_matrices(self.tau)
         self._feed_successors(modalities)
 
+    def use_matrices(self, T):
+        """Set T^(m) = ``T[m]`` (one float64 matrix per GM layer of m) for every m in ``T`` and give
+        them to the GM hooks that read them."""
+        self.T.update(T)
+        self._feed_successors(list(T))
+
     def _feed_successors(self, modalities):
         for m in modalities:
             self._feed(self.cycle[(self.cycle.index(m) + 1) % len(self.cycle)])

@@ -3,9 +3,9 @@
 Wang, Tran, Feiszli: "What Makes Training Multi-Modal Classification Networks Hard?", CVPR 2020
 (arXiv 1905.12681). Re-implemented in BalanceBenchmark (GeWu-Lab, ``GBlending_trainer.py``).
 
-Model (``MultiHeadModel``, the paper's late-concat network with uni-modal auxiliary heads): encoders
-φ_m, one head per modality and a fused head on the concatenated features; the outputs are indexed by
-k ∈ {1..M, fused}:
+Model (``MultiHeadModel`` with ``feature_fusion="concat"``, the paper's late-concat network with
+uni-modal auxiliary heads): encoders φ_m, one head per modality and a fused head on the concatenated
+features; the outputs are indexed by k ∈ {1..M, fused}:
 
     z_m = h_m(φ_m(x_m)),    z_fused = g([φ_1(x_1); …; φ_M(x_M)]),
     L = Σ_k w_k · CE(z_k, y),        Σ_k w_k = 1,  w_k ≥ 0.
@@ -24,11 +24,15 @@ Blend weights (paper §3.3, Proposition: w*_k ∝ ⟨∇L*, v_k⟩ / σ_k², est
     ŵ_k = max(ΔG_k, 0) / max(ΔO_k², ε)        w_k = ŵ_k / Σ_j ŵ_j        (ε = 1e-12)
 
 Schedule ("online G-Blend", n = ``blend_every``): the losses of every output are measured at
-checkpoint 0 (in ``setup``, before any training) and then after every n epochs (``end_epoch`` of loop
-epochs n−1, 2n−1, …) with ``ctx.train_batches()`` and ``ctx.val_batches()``, in eval mode, without
-gradient. Epochs 0 … n−1 are the warm-up and train with uniform weights w_k = 1/(M+1); after epoch
-(i+1)n − 1 the weights for the next n epochs are re-estimated from the window (N, n) = (in, n). If no
-output generalised in a window (every ΔG_k ≤ 0) the previous weights are kept.
+checkpoint 0 (in ``setup``, before any training: ``ctx.evaluate("train")`` and ``ctx.evaluate("val")``)
+and then after every n epochs (``on_validation`` of loop epochs n−1, 2n−1, …: L^V from the loop's
+validation metrics, L^T from ``ctx.evaluate("train")``), in eval mode, without gradient. L_m is the
+mean cross-entropy of modality m's own prediction softmax(z_m) (``metrics["per_modality"][m]["loss"]``)
+and L_fused that of softmax(z_fused) (``metrics["loss"]``, the fused prediction's loss, which is the
+fused head's only because inference is fixed to it: ``fusion = "model"`` is not a parameter here).
+Epochs 0 … n−1 are the warm-up and train with uniform weights w_k = 1/(M+1); after epoch (i+1)n − 1
+the weights for the next n epochs are re-estimated from the window (N, n) = (in, n). If no output
+generalised in a window (every ΔG_k ≤ 0) the previous weights are kept.
 
 Sources and differences. The definitions of O, ΔO, ΔG, OGR and w ∝ ΔG/ΔO² are the paper's. The paper
 normalises with Z = Σ_k ΔG_k/(2ΔO_k²), which makes Σ_k w_k = 2 (a factor that only rescales the loss);
@@ -42,7 +46,7 @@ the running training loss during those epochs; here it is an eval-mode pass at t
 paper's L^T_N (a loss of the model at epoch N) is defined. Default n = 10 (BalanceBenchmark's
 ``super_epoch: 10``). M ≥ 3: the rule is per output, so it is the same for any number of modalities.
 
-Logged by ``end_epoch``: ``gb_w_<k>`` (the weights the next epoch trains with) every epoch, and on
+Logged by ``on_validation``: ``gb_w_<k>`` (the weights the next epoch trains with) every epoch, and on
 re-estimation epochs ``gb_dG_<k>``, ``gb_dO_<k>`` and ``gb_ogr_<k>`` for every output k.
 """
 import math
@@ -50,11 +54,13 @@ import math
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from .base import Method, require_two_modalities
-from .multihead import MultiHeadModel, multihead_predict, output_metrics
+from ..models import MultiHeadModel
+from .base import SingleOptimizerMethod, require_two_modalities
+from .params import Param, number, one_of
 
 NEGATIVE_GAIN = ("zero", "abs")
 EPS = 1e-12
+FUSED = "fused"
 
 
 def overfitting_generalization(start, end):
@@ -82,55 +88,59 @@ def blend_weights(d_o, d_g, negative_gain="zero"):
     return {k: v / total for k, v in raw.items()}
 
 
-class GradientBlending(Method):
-    name = "ogr_gb"
+def output_losses(metrics):
+    """{k: L_k} from a metrics dict: each modality's own loss, and the fused prediction's as "fused"."""
+    return {**{m: v["loss"] for m, v in metrics["per_modality"].items()}, FUSED: metrics["loss"]}
 
-    def __init__(self, blend_every=10, negative_gain="zero"):
-        if isinstance(blend_every, bool) or not isinstance(blend_every, int) or blend_every < 1:
-            raise MieInputError(f"blend_every must be an integer >= 1 (epochs per window), got {blend_every!r}")
-        if negative_gain not in NEGATIVE_GAIN:
-            raise MieInputError(f"unknown negative_gain '{negative_gain}'; expected one of {NEGATIVE_GAIN}")
-        super().__init__(fusion="concat")
-        self.blend_every, self.negative_gain = blend_every, negative_gain
+
+class GradientBlending(SingleOptimizerMethod):
+    name = "ogr_gb"
+    params = {
+        "blend_every": Param(10, number(at_least=1, integer=True), "n: epochs per window between re-estimates"),
+        "negative_gain": Param("zero", one_of(*NEGATIVE_GAIN), "a negative ΔG_k: zero (clip) | abs (BalanceBenchmark)"),
+    }
+    fusion = "model"        # metrics["loss"] is the fused head's loss L_fused only under this rule
 
     # ---- set-up -----------------------------------------------------------------------
     def build_model(self, spec):
         return MultiHeadModel.build(spec)
 
     def setup(self, model, ctx):
-        super().setup(model, ctx)
         require_two_modalities(model, self.name)
-        self.optimizer = ctx.make_optimizer(model.parameters())
-        self.weights = {k: 1.0 / len(model.outputs) for k in model.outputs}
-        self.window_start = self.measure()                   # checkpoint 0
+        if FUSED in model.modalities:
+            raise MieInputError(f"method '{self.name}': a modality may not be called '{FUSED}': the name is taken "
+                                f"by the fused head")
+        super().setup(model, ctx)
+        self.outputs = model.modalities + [FUSED]
+        self.weights = {k: 1.0 / len(self.outputs) for k in self.outputs}
+        self.window_start = self.measure(ctx.evaluate("val"))       # checkpoint 0
         self.window_epoch = 0
 
-    def measure(self):
-        """{"train": {k: L^T_k}, "val": {k: L^V_k}} of the model as it is now."""
-        train = output_metrics(self.model, self.ctx.train_batches())
-        val = output_metrics(self.model, self.ctx.val_batches())
-        return {"train": {k: v["loss"] for k, v in train.items()}, "val": {k: v["loss"] for k, v in val.items()}}
+    def measure(self, val_metrics):
+        """{"train": {k: L^T_k}, "val": {k: L^V_k}} of the model as it is now (``val_metrics``: its
+        validation metrics)."""
+        return {"train": output_losses(self.ctx.evaluate("train")), "val": output_losses(val_metrics)}
 
     # ---- training ---------------------------------------------------------------------
-    def train_step(self, xs, y):
-        out = self.model(xs)
-        losses = {k: F.cross_entropy(out[k], y) for k in self.model.outputs}
-        loss = sum(self.weights[k] * losses[k] for k in self.model.outputs)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in losses.items()}}
+    def training_step(self, batch, step):
+        xs, y = batch
+        per, fused = self.model.outputs(xs)
+        out = {**per, FUSED: fused}
+        losses = {k: F.cross_entropy(out[k], y) for k in self.outputs}
+        loss = sum(self.weights[k] * losses[k] for k in self.outputs)
+        self.minimize(loss)
+        return {"loss": loss.detach(), **{f"loss_{k}": v.detach() for k, v in losses.items()}}
 
-    def end_epoch(self, epoch):
+    def on_validation(self, epoch, metrics):
         logs = {}
         if (epoch + 1) % self.blend_every == 0:
-            end = self.measure()
+            end = self.measure(metrics)
             d_o, d_g = overfitting_generalization(self.window_start, end)
             new = blend_weights(d_o, d_g, self.negative_gain)
             if new is not None:
                 self.weights = new
             self.window_start, self.window_epoch = end, epoch + 1
-            for k in self.model.outputs:
+            for k in self.outputs:
                 logs[f"gb_dG_{k}"] = d_g[k]
                 logs[f"gb_dO_{k}"] = d_o[k]
                 logs[f"gb_ogr_{k}"] = abs(d_o[k] / d_g[k]) if d_g[k] != 0 else math.inf
@@ -138,17 +148,17 @@ class GradientBlending(Method):
         return logs
 
     # ---- inference --------------------------------------------------------------------
-    def predict(self, xs):
-        return multihead_predict(self.model, xs)
+    def logits(self, xs):
+        return self.model.outputs(xs)
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "weights": dict(self.weights),
+        return {**super().state_dict(), "weights": dict(self.weights),
                 "window_start": {s: dict(v) for s, v in self.window_start.items()},
                 "window_epoch": self.window_epoch}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.weights = dict(state["weights"])
         self.window_start = {s: dict(v) for s, v in state["window_start"].items()}
         self.window_epoch = state["window_epoch"]

@@ -24,11 +24,17 @@ def _is_number(v):
 
 def number(at_least=None, above=None, at_most=None, below=None, integer=False, optional=False):
     """A number (an ``int`` when ``integer``) within the given bounds; None too when ``optional``."""
-    bounds = [f">= {at_least}" if at_least is not None else "", f"> {above}" if above is not None else "",
-              f"<= {at_most}" if at_most is not None else "", f"< {below}" if below is not None else ""]
-    expected = ("an integer" if integer else "a number") + "".join(f" {b}" for b in bounds if b)
-    if optional:
-        expected = f"None or {expected}"
+    low = f"[{at_least}" if at_least is not None else f"({above}" if above is not None else None
+    high = f"{at_most}]" if at_most is not None else f"{below})" if below is not None else None
+    if low and high:
+        bounds = f" in {low}, {high}"
+    elif low:
+        bounds = f" >= {at_least}" if at_least is not None else f" > {above}"
+    elif high:
+        bounds = f" <= {at_most}" if at_most is not None else f" < {below}"
+    else:
+        bounds = ""
+    expected = ("None or " if optional else "") + ("an integer" if integer else "a number") + bounds
 
     def check(v):
         if v is None and optional:
