@@ -2,7 +2,6 @@
 a step scales each response's gradient by its coefficient, the running scores, and resume."""
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import mie
+from conftest import make_context, make_step
+from mie.methods import Batch, create_method
 from mie.methods.agm import AGM, agm_coefficients, agm_score, coalition_outputs, shapley_responses
-from mie.methods.joint import SharedHeadModel
-from mie.models import ClassifierHead
+from mie.models import ClassifierHead, SharedHeadModel
 
 
 def _t(v):
@@ -71,6 +71,10 @@ def test_coalitions_and_responses_of_a_known_model():
     fused, per = method.predict(xs)
     assert torch.allclose(per["a"], F.softmax(o["a"], dim=-1))
     assert torch.allclose(fused, F.softmax(f[frozenset(["a", "v"])], dim=-1))
+    method = AGM(fusion="average")
+    method.setup(model, _ctx(model))
+    fused, _ = method.predict(xs)
+    assert torch.allclose(fused, (F.softmax(o["a"], dim=-1) + F.softmax(o["v"], dim=-1)) / 2)
 
 
 # ---- coefficients ------------------------------------------------------------------------------
@@ -98,9 +102,13 @@ def test_score_clamps_probability():
 
 # ---- a step: gradients through o_i scaled by c_i --------------------------------------------
 def _ctx(model, lr=0.1):
-    return SimpleNamespace(modalities=model.modalities, device=torch.device("cpu"),
-                           make_optimizer=lambda params: torch.optim.SGD(list(params), lr=lr),
-                           train_batches=None, val_batches=None, epochs_per_modality=1, steps_per_epoch=1)
+    return make_context(model.modalities, lr=lr, epochs_per_modality=1)
+
+
+def _train(method, xs, y, epoch=0):
+    """One training step in loop epoch ``epoch``; the logs as floats."""
+    logs = method.training_step(Batch(xs, y), make_step(epoch))
+    return {k: float(v) for k, v in logs.items()}
 
 
 def test_step_scales_each_response_gradient_by_its_coefficient():
@@ -108,7 +116,6 @@ def test_step_scales_each_response_gradient_by_its_coefficient():
     model = SharedHeadModel({"a": nn.Linear(3, 2), "v": nn.Linear(4, 2)}, ClassifierHead(4, 3, hidden=(5,)), "concat")
     method = AGM(alpha=1.0, grad_clip=0)
     method.setup(model, _ctx(model, lr=0.1))
-    method.start_epoch(0)
     xs = {"a": torch.randn(6, 3), "v": 2 * torch.randn(6, 4)}
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     ref = copy.deepcopy(model)
@@ -122,7 +129,7 @@ def test_step_scales_each_response_gradient_by_its_coefficient():
     params = list(ref.parameters())
     grads = torch.autograd.grad(sum(c[m] * (o[m] * g).sum() for m in o), params, retain_graph=True)
 
-    logs = method.train_step(xs, y)
+    logs = _train(method, xs, y)
     assert logs["agm_coeff_a"] == pytest.approx(c["a"]) and logs["agm_coeff_v"] == pytest.approx(c["v"])
     assert c["a"] != pytest.approx(1.0, abs=1e-3)                 # the check has power
     for p, q, gq in zip(model.parameters(), ref.parameters(), grads):
@@ -135,7 +142,7 @@ def test_step_scales_each_response_gradient_by_its_coefficient():
     with torch.no_grad():
         o2 = shapley_responses(coalition_outputs(model, xs2), ["a", "v"])
     s2 = {m: agm_score(o2[m], y) for m in o2}
-    method.train_step(xs2, y)
+    _train(method, xs2, y)
     assert method.running == pytest.approx({m: (s[m] + s2[m]) / 2 for m in s})
 
 
@@ -144,15 +151,40 @@ def test_no_modulation_outside_the_window():
     model = SharedHeadModel({"a": nn.Linear(3, 2), "v": nn.Linear(4, 2)}, ClassifierHead(4, 3, hidden=()), "concat")
     method = AGM(modulation_starts=1)
     method.setup(model, _ctx(model))
-    method.start_epoch(0)
-    logs = method.train_step({"a": torch.randn(4, 3), "v": torch.randn(4, 4)}, torch.tensor([0, 1, 2, 0]))
+    logs = _train(method, {"a": torch.randn(4, 3), "v": torch.randn(4, 4)}, torch.tensor([0, 1, 2, 0]), epoch=0)
     assert logs["agm_coeff_a"] == 1.0 and logs["agm_coeff_v"] == 1.0
     assert method.iteration == 1                                 # scores still tracked
 
 
+def test_state_dict_restores_running_scores():
+    torch.manual_seed(0)
+    model = SharedHeadModel({"a": nn.Linear(3, 2), "v": nn.Linear(4, 2)}, ClassifierHead(4, 3, hidden=()), "concat")
+    method = AGM()
+    method.setup(model, _ctx(model, lr=0.0))                     # lr 0: every step sees the same model
+    xs, y = {"a": torch.randn(4, 3), "v": torch.randn(4, 4)}, torch.tensor([0, 1, 2, 0])
+    xs2 = {"a": torch.randn(4, 3), "v": torch.randn(4, 4)}
+    _train(method, xs, y)
+    state = copy.deepcopy(method.state_dict())
+    assert set(state) == {"optimizer", "running", "iteration"}
+    after = _train(method, xs2, y)
+    other = AGM()
+    other.setup(model, _ctx(model, lr=0.0))
+    fresh = _train(copy.deepcopy(other), xs2, y)
+    other.load_state_dict(state)
+    assert other.running == pytest.approx(state["running"]) and other.iteration == 1
+    assert _train(other, xs2, y) == after                         # the same coefficients after a resume
+    assert fresh["agm_coeff_a"] != pytest.approx(after["agm_coeff_a"])
+
+
 def test_rejects_bad_setup():
-    with pytest.raises(mie.MieInputError):
-        AGM(fusion="max")
+    with pytest.raises(mie.MieInputError, match="fusion must be one of"):
+        create_method("agm", fusion="max")
+    with pytest.raises(mie.MieInputError, match="alpha must be a number >= 0"):
+        create_method("agm", alpha=-1)
+    with pytest.raises(mie.MieInputError, match="grad_clip must be"):
+        create_method("agm", grad_clip=-1)
+    with pytest.raises(mie.MieInputError, match="modulation_ends must be"):
+        create_method("agm", modulation_starts=2, modulation_ends=1)
     one = SharedHeadModel({"a": nn.Linear(3, 2)}, ClassifierHead(2, 3, hidden=()), "concat")
     with pytest.raises(mie.MieInputError):
         AGM().setup(one, _ctx(one))

@@ -156,3 +156,68 @@ def test_diverged_training_is_one_line(tmp_path, npz_file, capsys):
                  "train.optimizer=sgd", "train.lr=1e30", "model.dim=8", "model.head_hidden=[8]"])
     err = capsys.readouterr().err
     assert code == 2 and "training diverged" in err and err.count("\n") == 1
+
+
+# ---- every command fails in one line ---------------------------------------------------------------
+def _catalogue(tmp_path, npz_file):
+    """(argv, expected text) for failures of train, eval, compare and prepare."""
+    empty = _npz(tmp_path, x_a=np.zeros((0, 8), np.float32), y=np.zeros(0, int))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    damaged_run = tmp_path / "damaged"
+    assert main(["train", "--data", str(npz_file), "--method", "joint", "--out", str(damaged_run), *TINY]) == 0
+    (damaged_run / "checkpoints" / "last.pt").write_bytes(b"\x80\x04 truncated")
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"PK\x03\x04 not a zip")
+    data = ["--data", npz_file]
+    return {
+        "train: npz with zero samples": (["train", "--data", empty, "--out", tmp_path / "o1", *TINY], "has no samples"),
+        "train: --out is a file": (["train", *data, "--out", a_file, *TINY], "is a file; expected a folder"),
+        "train: --resume from a damaged last.pt": (["train", *data, "--method", "joint", "--out", damaged_run,
+                                                     "--resume", *TINY], "damaged or not a mie checkpoint"),
+        "train: unknown fusion": (["train", *data, "--out", tmp_path / "o2", "method.fusion=bogus", *TINY],
+                                  "fusion must be one of 'average', 'weight', got 'bogus'"),
+        "train: tau out of range": (["train", *data, "--out", tmp_path / "o3", "method.tau=-1", *TINY],
+                                    "tau must be a number > 0, got -1"),
+        "eval: missing checkpoint": (["eval", "--checkpoint", tmp_path / "none.pt"], "no such file"),
+        "eval: damaged checkpoint": (["eval", "--checkpoint", bad_ckpt], "damaged or not a mie checkpoint"),
+        "compare: --out is a file": (["compare", *data, "--methods", "joint", "--seeds", "0", "--out", a_file, *TINY],
+                                     "is a file; expected a folder"),
+        "compare: unknown method": (["compare", *data, "--methods", "joint,magic", "--out", tmp_path / "c1", *TINY],
+                                    "unknown method 'magic'"),
+        "compare: diverged run": (["compare", *data, "--methods", "joint", "--seeds", "0", "--out", tmp_path / "c2",
+                                   "train.optimizer=sgd", "train.lr=1e30", *TINY], "training diverged"),
+        "prepare: root not a folder": (["prepare", "cremad", "--root", a_file], "is not a folder"),
+        "prepare: unknown benchmark": (["prepare", "imagenet", "--root", tmp_path], "unknown benchmark 'imagenet'"),
+        "prepare: bad option": (["prepare", "cremad", "--root", tmp_path, "fps=fast"], "fps"),
+    }
+
+
+CATALOGUE = ["train: npz with zero samples", "train: --out is a file", "train: --resume from a damaged last.pt",
+             "train: unknown fusion", "train: tau out of range", "eval: missing checkpoint", "eval: damaged checkpoint",
+             "compare: --out is a file", "compare: unknown method", "compare: diverged run",
+             "prepare: root not a folder", "prepare: unknown benchmark", "prepare: bad option"]
+
+
+@pytest.mark.parametrize("case", CATALOGUE)
+def test_every_command_fails_in_one_line_with_exit_2(capsys, tmp_path, npz_file, case):
+    argv, message = _catalogue(tmp_path, npz_file)[case]
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("mie: error:") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_an_unexpected_failure_is_still_one_line(capsys, monkeypatch, npz_file, tmp_path):
+    import mie.train
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something inside broke")
+    monkeypatch.setattr(mie.train, "prepare_run", boom)
+    code, _, err = run_cli(capsys, "train", "--data", npz_file, "--out", tmp_path / "o", *TINY)
+    assert code == 2 and err.strip().splitlines() == [
+        "mie: error: unexpected RuntimeError: something inside broke (MIE_DEBUG=1 shows where)"]
+    monkeypatch.setenv("MIE_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["train", "--data", str(npz_file), "--out", str(tmp_path / "o2"), *TINY])

@@ -10,12 +10,11 @@ from torch import nn
 
 import mie
 import mie.methods
-from conftest import make_arrays
+from conftest import make_arrays, make_context, make_step
 from mie.errors import MieInputError
-from mie.methods.domfn import (DOMFN, DOMFNModel, consistent_mask, divergence_penalties,
-                               domfn_predict)
-from mie.models import ClassifierHead
-from mie.train import TrainContext
+from mie.methods import Batch, create_method
+from mie.methods.domfn import DOMFN, consistent_mask, divergence_penalties, domfn_predict
+from mie.models import ClassifierHead, MultiHeadModel
 
 K, D = 3, 4
 IN = {"a": 5, "b": 6}
@@ -49,20 +48,17 @@ def _model(mods=("a", "b"), seed=0):
     torch.manual_seed(seed)
     encoders = {m: nn.Linear(IN.get(m, 5), D) for m in mods}
     heads = {m: ClassifierHead(D, K, hidden=()) for m in mods}
-    return DOMFNModel(encoders, heads, ClassifierHead(D * len(mods), K, hidden=())).double()
+    return MultiHeadModel(encoders, heads, ClassifierHead(D * len(mods), K, hidden=())).double()
 
 
 def _batch(mods=("a", "b"), n=16, seed=1):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % K
-    return {m: 2 * torch.randn(n, IN.get(m, 5), generator=g, dtype=torch.float64) for m in mods}, y
+    return Batch({m: 2 * torch.randn(n, IN.get(m, 5), generator=g, dtype=torch.float64) for m in mods}, y)
 
 
 def _ctx(lr=0.0):
-    return TrainContext(modalities=None, device=torch.device("cpu"),
-                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=lr),
-                        train_batches=lambda: iter(()), val_batches=lambda: iter(()),
-                        epochs_per_modality=3, steps_per_epoch=1)
+    return make_context(["a", "b"], lr=lr, epochs_per_modality=3)
 
 
 def _hand_loss(model, xs, y, eta, tau, gamma):
@@ -70,7 +66,7 @@ def _hand_loss(model, xs, y, eta, tau, gamma):
     mods = model.modalities
     u = {m: xs[m] @ model.encoders[m].weight.T + model.encoders[m].bias for m in mods}
     z = {m: u[m] @ model.heads[m].net[0].weight.T + model.heads[m].net[0].bias for m in mods}
-    g = model.fusion_head.net[0]
+    g = model.fused_head.net[0]
     zf = torch.cat([u[m] for m in mods], dim=1) @ g.weight.T + g.bias
     q = {m: torch.softmax(z[m], dim=1) for m in mods}
     total, flags = 0.0, []
@@ -108,7 +104,7 @@ def test_amended_loss_and_its_gradients_by_hand(mods):
 
     method = DOMFN(eta=eta, tau=tau, gamma=gamma)
     method.setup(model, _ctx())
-    logs = method.train_step(xs, y)
+    logs = method.training_step(Batch(xs, y), make_step())
     assert logs["loss"] == pytest.approx(hand.item())
     assert logs["domfn_fused_frac"] == pytest.approx(sum(flags) / len(flags))
     grads = dict(ref.named_parameters())
@@ -124,11 +120,11 @@ def test_rejected_samples_never_reach_the_fusion_head_and_pretraining_is_cross_e
     xs, y = _batch()
     method = DOMFN(eta=0.5, tau=1.0, gamma=0.0)    # γ = 0: p/τ < 0 never holds, every sample rejected
     method.setup(model, _ctx(lr=0.1))
-    head_before = {n: p.detach().clone() for n, p in model.fusion_head.named_parameters()}
+    head_before = {n: p.detach().clone() for n, p in model.fused_head.named_parameters()}
     enc_before = model.encoders["a"].weight.detach().clone()
-    logs = method.train_step(xs, y)
+    logs = method.training_step(Batch(xs, y), make_step())
     assert logs["domfn_fused_frac"] == 0.0
-    for n, p in model.fusion_head.named_parameters():
+    for n, p in model.fused_head.named_parameters():
         assert p.grad is None or torch.count_nonzero(p.grad) == 0
         assert torch.equal(p, head_before[n])
     assert not torch.equal(model.encoders["a"].weight, enc_before)
@@ -137,11 +133,13 @@ def test_rejected_samples_never_reach_the_fusion_head_and_pretraining_is_cross_e
     model = _model()
     pre.setup(model, _ctx())
     pre.start_epoch(0)
-    logs = pre.train_step(xs, y)
+    logs = pre.training_step(Batch(xs, y), make_step(0))
     uni, _ = model.outputs(xs)
     assert logs["loss"] == pytest.approx(sum(F.cross_entropy(z, y) for z in uni.values()).item())
-    assert all(p.grad is None for p in model.fusion_head.parameters())
+    assert all(p.grad is None for p in model.fused_head.parameters())
     assert "domfn_penalty_a" not in logs
+    pre.start_epoch(1)                                # after pre-training: the amended loss
+    assert "domfn_penalty_a" in pre.training_step(Batch(xs, y), make_step(1))
 
 
 def test_prediction_rule_per_sample_by_hand():
@@ -159,13 +157,35 @@ def test_prediction_rule_per_sample_by_hand():
     torch.testing.assert_close(out[2], qb[2])                     # … and here b
 
 
+def test_method_predict_under_each_fusion_rule():
+    model = _model()
+    xs, _ = _batch()
+    model.eval()
+    with torch.no_grad():
+        uni, zf = model.outputs(xs)
+    q = {m: F.softmax(z.float(), -1) for m, z in uni.items()}
+    method = DOMFN(tau=1.0, gamma=0.05)
+    method.setup(model, _ctx())
+    fused, per = method.predict(xs)
+    torch.testing.assert_close(fused, domfn_predict(uni, zf, 1.0, 0.05))
+    torch.testing.assert_close(per["b"], q["b"])
+    method.fusion = "model"
+    torch.testing.assert_close(method.predict(xs)[0], F.softmax(zf.float(), -1))
+    method.fusion = "average"
+    torch.testing.assert_close(method.predict(xs)[0], (q["a"] + q["b"]) / 2)
+
+
 def test_invalid_settings_and_one_modality_are_refused():
-    with pytest.raises(MieInputError):
-        DOMFN(tau=0)
-    with pytest.raises(MieInputError):
-        DOMFN(eta=-1)
-    with pytest.raises(MieInputError):
-        DOMFN(feature_fusion="attention")
+    with pytest.raises(MieInputError, match="tau must be a number > 0"):
+        create_method("domfn", tau=0)
+    with pytest.raises(MieInputError, match="eta must be a number >= 0"):
+        create_method("domfn", eta=-1)
+    with pytest.raises(MieInputError, match="feature_fusion must be one of 'concat', 'mean', 'max'"):
+        create_method("domfn", feature_fusion="attention")
+    with pytest.raises(MieInputError, match="fusion must be one of 'divergence', 'model', 'average', 'weight'"):
+        create_method("domfn", fusion="concat")
+    with pytest.raises(MieInputError, match="pretrain_epochs must be an integer >= 0"):
+        create_method("domfn", pretrain_epochs=1.5)
     with pytest.raises(MieInputError, match="unimodal"):
         DOMFN().setup(_model(mods=("a",)), _ctx())
 

@@ -1,7 +1,8 @@
-"""MSES (mie.methods.mses) against hand computations: the patience rule on given validation numbers,
-which modality stops when, that a stopped modality's parameters, BatchNorm statistics and optimizer
-state stay bit-identical while the other modality and the fused head move, the multitask loss, m >= 3,
-and a crash-and-resume run through the loop."""
+"""MSES (mie.methods.mses) against hand computations: the patience rule on given validation numbers
+(the loop's metrics, through ``on_validation``), which modality stops when and the learning-rate
+scale that follows, that a stopped modality's parameters, BatchNorm statistics and optimizer state
+stay bit-identical while the other modality and the fused head move, the multitask loss, the
+inference rules, m >= 3, and the refused settings."""
 import copy
 import math
 
@@ -10,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mie.methods.mses as mses_mod
+from conftest import make_context, make_step
+from mie.config import default_config
 from mie.errors import MieInputError
+from mie.methods import Batch, create_method
 from mie.methods.mses import MSES, early_stopping_update
-from mie.methods.multihead import MultiHeadModel
-from mie.models import ClassifierHead
-from mie.train import TrainContext
+from mie.models import ClassifierHead, MultiHeadModel
+from mie.train import Optimizers
 
 K = 3
 
@@ -27,32 +29,37 @@ def _model(mods=("a", "b")):
     return MultiHeadModel(enc, heads, ClassifierHead(3 * len(mods), K, hidden=(5,)))
 
 
-def _ctx(mods, optimizer="adamw"):
-    def make(params):
-        params = list(params)
-        if optimizer == "sgd":
-            return torch.optim.SGD(params, lr=0.1)
-        return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
-    return TrainContext(modalities=list(mods), device=torch.device("cpu"), make_optimizer=make,
-                        train_batches=lambda: iter(()), val_batches=lambda: iter(()),
-                        epochs_per_modality=5, steps_per_epoch=1)
+def _setup(method, model, optimizer="adamw"):
+    """Set ``method`` up with the loop's optimizer factory; returns it (``apply`` = the loop's lr update)."""
+    train = {**default_config()["train"], "optimizer": optimizer}
+    train.update({"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0} if optimizer == "sgd" else
+                 {"lr": 0.05, "weight_decay": 0.1})
+    optimizers = Optimizers(train)
+    method.setup(model, make_context(model.modalities, make_optimizer=optimizers.make))
+    optimizers.apply(1.0, method)                     # as the loop does at the start of epoch 0
+    return optimizers
 
 
-def _fake_val(monkeypatch, values, key="loss"):
-    calls = iter(range(10**6))
+def _metrics(values, t, key="loss"):
+    """The loop's validation metrics of epoch t with values {m: [v_m(0), …]} of ``key`` per modality."""
+    per = {m: {"loss": 0.0, "accuracy": 0.0, "macro_f1": 0.0} for m in values}
+    for m, v in values.items():
+        per[m][key] = v[t]
+    return {"accuracy": 0.0, "loss": 0.0, "per_modality": per}
 
-    def fake(model, batches):
-        t = next(calls)
-        out = {m: {"loss": 0.0, "accuracy": 0.0} for m in values}
-        for m, v in values.items():
-            out[m][key] = v[t]
-        return out
-    monkeypatch.setattr(mses_mod, "output_metrics", fake)
+
+def _epochs(method, optimizers, values, epochs, key="loss"):
+    """on_validation of ``epochs``, each followed by the loop's learning-rate update."""
+    rows = []
+    for t in epochs:
+        rows.append(method.on_validation(t, _metrics(values, t, key)))
+        optimizers.apply(1.0, method)
+    return rows
 
 
 def _batch(n=8, seed=5, mods=("a", "b")):
     g = torch.Generator().manual_seed(seed)
-    return {m: torch.randn(n, 4, generator=g) for m in mods}, torch.arange(n) % K
+    return Batch({m: torch.randn(n, 4, generator=g) for m in mods}, torch.arange(n) % K)
 
 
 def test_patience_rule_by_hand():
@@ -69,43 +76,42 @@ def test_patience_rule_by_hand():
     assert early_stopping_update(0.5, 0.6, 2, patience=3, monitor="accuracy") == (0.6, 3, True)
 
 
-def test_each_modality_stops_on_its_own_validation_loss(monkeypatch):
+def test_each_modality_stops_on_its_own_validation_loss():
     # a: improves at t=0,1 then not for 2 epochs → stopped after t=3; b keeps improving; c stalls from t=1.
     vals = {"a": [1.0, 0.8, 0.85, 0.81, 0.1], "b": [1.0, 0.9, 0.8, 0.7, 0.6], "c": [0.5, 0.6, 0.7, 0.4, 0.3]}
-    _fake_val(monkeypatch, vals)
     model = _model(("a", "b", "c"))
-    method = MSES(patience=2)
-    method.setup(model, _ctx(model.modalities))
-    rows = [method.end_epoch(t) for t in range(5)]
+    method = create_method("mses", patience=2)
+    optimizers = _setup(method, model)
+    rows = _epochs(method, optimizers, vals, range(5))
     assert [r["mses_stopped_a"] for r in rows] == [0, 0, 0, 1, 1]
     assert [r["mses_stopped_b"] for r in rows] == [0, 0, 0, 0, 0]
     assert [r["mses_stopped_c"] for r in rows] == [0, 0, 1, 1, 1]
     assert [r["mses_wait_a"] for r in rows] == [0, 0, 1, 2, 2]      # frozen once stopped (0.1 at t=4 ignored)
     assert method.best == {"a": 0.8, "b": 0.6, "c": 0.5}
     assert rows[3]["mses_lr_a"] == 0.0 and rows[3]["mses_lr_b"] == 0.05 and rows[2]["mses_lr_c"] == 0.0
-    assert [g["lr"] for g in method.optimizer.param_groups] == [0.0, 0.05, 0.0, 0.05]   # last: fused head
+    assert [g.get("name") for g in method.optimizer.param_groups] == ["a", "b", "c", None]   # last: fused head
+    assert [g["lr"] for g in method.optimizer.param_groups] == [0.0, 0.05, 0.0, 0.05]
+    assert [method.lr_scale(m) for m in ("a", "b", "c", None)] == [0.0, 1.0, 0.0, 1.0]
     assert rows[4]["mses_val_loss_a"] == 0.1
 
 
-def test_accuracy_monitor(monkeypatch):
-    _fake_val(monkeypatch, {"a": [0.5, 0.6, 0.6], "b": [0.5, 0.4, 0.45]}, key="accuracy")
+def test_accuracy_monitor():
     model = _model()
-    method = MSES(patience=1, monitor="accuracy")
-    method.setup(model, _ctx(model.modalities))
-    rows = [method.end_epoch(t) for t in range(3)]
+    method = create_method("mses", patience=1, monitor="accuracy")
+    optimizers = _setup(method, model)
+    rows = _epochs(method, optimizers, {"a": [0.5, 0.6, 0.6], "b": [0.5, 0.4, 0.45]}, range(3), key="accuracy")
     assert [r["mses_stopped_a"] for r in rows] == [0, 0, 1]
     assert [r["mses_stopped_b"] for r in rows] == [0, 1, 1]
+    assert rows[2]["mses_val_accuracy_b"] == 0.45
 
 
-def test_stopped_modality_stays_bit_identical_while_the_others_move(monkeypatch):
-    _fake_val(monkeypatch, {"a": [1.0, 1.0], "b": [1.0, 0.5]})
+def test_stopped_modality_stays_bit_identical_while_the_others_move():
     model = _model()
     method = MSES(patience=1, aux_weight=0.7)
-    method.setup(model, _ctx(model.modalities))
-    xs, y = _batch()
-    method.train_step(xs, y)                  # both train: Adam state exists for a's parameters
-    method.end_epoch(0)
-    method.end_epoch(1)                       # a did not improve for 1 epoch → stopped
+    optimizers = _setup(method, model)
+    batch = _batch()
+    method.training_step(batch, make_step())  # both train: Adam state exists for a's parameters
+    _epochs(method, optimizers, {"a": [1.0, 1.0], "b": [1.0, 0.5]}, range(2))   # a did not improve → stopped
     assert method.stopped == {"a": True, "b": False}
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("encoders.a.", "heads.a."))}
     moving = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("encoders.b.", "fused_head."))}
@@ -113,13 +119,14 @@ def test_stopped_modality_stays_bit_identical_while_the_others_move(monkeypatch)
     opt_state = {id(p): copy.deepcopy(method.optimizer.state[p]) for p in a_params}
 
     model.train()                             # as the loop does at the start of an epoch
-    expected = _multitask_loss(model, xs, y, active=["b"], aux_weight=0.7)
-    logs = method.train_step(xs, y)
-    assert logs["loss"] == pytest.approx(expected)
+    expected = _multitask_loss(model, *batch, active=["b"], aux_weight=0.7)
+    logs = method.training_step(batch, make_step(epoch=2))
+    assert float(logs["loss"]) == pytest.approx(expected)
     assert "loss_a" not in logs and "loss_b" in logs
-    for _ in range(3):
+    assert model.encoders["a"].training       # eval mode only for the stopped encoder's forward
+    for i in range(3):
         model.train()
-        method.train_step(*_batch(seed=_ + 10))
+        method.training_step(_batch(seed=i + 10), make_step(epoch=2, index=i + 1, steps_per_epoch=4))
     for k, v in frozen.items():               # weights AND BatchNorm running statistics
         assert torch.equal(model.state_dict()[k], v), k
     for p in a_params:
@@ -147,28 +154,48 @@ def _multitask_loss(model, xs, y, active, aux_weight):
 
 def test_multitask_loss_and_gradients_before_any_stop():
     model = _model()
-    method = MSES(aux_weight=0.5)
-    method.setup(model, _ctx(model.modalities, optimizer="sgd"))
-    xs, y = _batch()
+    method = create_method("mses", aux_weight=0.5)
+    _setup(method, model, optimizer="sgd")
+    xs, y = batch = _batch()
     ref = copy.deepcopy(model)
     f = {m: ref.encoders[m](xs[m]) for m in ref.modalities}
     hand = (F.cross_entropy(ref.fused_head(torch.cat([f["a"], f["b"]], dim=-1)), y)
             + 0.5 * F.cross_entropy(ref.heads["a"](f["a"]), y) + 0.5 * F.cross_entropy(ref.heads["b"](f["b"]), y))
     hand.backward()
-    logs = method.train_step(xs, y)
-    assert logs["loss"] == pytest.approx(hand.item())
+    logs = method.training_step(batch, make_step())
+    assert float(logs["loss"]) == pytest.approx(hand.item())
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     fused, per = method.predict(xs)
     assert set(per) == {"a", "b"} and fused.shape == (8, K)
 
 
+def test_inference_rules():
+    model = _model()
+    xs, _ = _batch()
+    model.eval()
+    with torch.no_grad():
+        f = {m: model.encoders[m](xs[m]) for m in model.modalities}
+        z = model.fused_head(torch.cat([f["a"], f["b"]], dim=-1))
+        p = {m: F.softmax(model.heads[m](f[m]), dim=-1) for m in model.modalities}
+    for fusion, expected in (("model", F.softmax(z, dim=-1)), ("average", (p["a"] + p["b"]) / 2)):
+        method = create_method("mses", **({} if fusion == "model" else {"fusion": fusion}))
+        method.setup(model, make_context(model.modalities))
+        fused, per = method.predict(xs)
+        torch.testing.assert_close(fused, expected)
+        torch.testing.assert_close(per["b"], p["b"])
+
+
 def test_invalid_settings_are_refused():
-    with pytest.raises(MieInputError):
-        MSES(patience=0)
-    with pytest.raises(MieInputError):
-        MSES(monitor="f1")
+    with pytest.raises(MieInputError, match="patience must be an integer >= 1"):
+        create_method("mses", patience=0)
+    with pytest.raises(MieInputError, match="monitor must be one of"):
+        create_method("mses", monitor="f1")
+    with pytest.raises(MieInputError, match="min_delta must be a number >= 0"):
+        create_method("mses", min_delta=-0.1)
+    with pytest.raises(MieInputError, match="fusion must be one of"):
+        create_method("mses", fusion="concat")             # the old, unread value
     one = MultiHeadModel({"a": nn.Linear(2, 2)}, {"a": ClassifierHead(2, K, hidden=())},
                          ClassifierHead(2, K, hidden=()))
     with pytest.raises(MieInputError, match="unimodal"):
-        MSES().setup(one, _ctx(["a"]))
+        create_method("mses").setup(one, make_context(["a"]))

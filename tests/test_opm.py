@@ -206,9 +206,10 @@ def test_opm_ogm_scales_the_dominant_encoder_of_the_dropped_loss():
 
 
 def test_invalid_settings_are_refused():
-    for kw in ({"q_base": 1.5}, {"p_exe": -0.1}, {"lam": -1}, {"rescale": "none"}, {"fusion": "max"},
-               {"modulation_starts": 2, "modulation_ends": 2}):
-        with pytest.raises(MieInputError, match=f"{next(iter(kw)) if len(kw) == 1 else 'modulation_ends'} must be"):
+    for kw, refused in (({"q_base": 1.5}, "q_base"), ({"p_exe": -0.1}, "p_exe"), ({"lam": -1}, "lam"),
+                        ({"rescale": "none"}, "rescale"), ({"fusion": "max"}, "fusion"),
+                        ({"modulation_starts": 2, "modulation_ends": 2}, "modulation_ends")):
+        with pytest.raises(MieInputError, match=f"{refused} must be"):
             create_method("opm", **kw)
     with pytest.raises(MieInputError, match="ge must be one of"):
         create_method("opm_ogm", ge="maybe")

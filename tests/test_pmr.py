@@ -2,7 +2,6 @@
 are minus Euclidean distances, the ρ → β/γ coefficients by hand, the step's loss and gradient by
 hand, the two-modality restriction, and resume."""
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,15 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import mie
+from conftest import make_context, make_step
+from mie.methods import Batch, create_method
 from mie.methods.pmr import PMR, pmr_coefficients, prototype_entropy, prototype_logits, prototype_score
-from mie.methods.joint import SharedHeadModel
-from mie.models import ClassifierHead, LateFusionModel
+from mie.models import ClassifierHead, LateFusionModel, SharedHeadModel
 
 
-def _model(mods=("a", "v"), fusion="average"):
+def _model(mods=("a", "v"), feature_fusion="late"):
     torch.manual_seed(0)
     enc = {m: nn.Linear(3 + i, 2) for i, m in enumerate(mods)}
-    if fusion == "concat":
+    if feature_fusion == "concat":
         return SharedHeadModel(enc, ClassifierHead(2 * len(mods), 3, hidden=(4,)), "concat")
     return LateFusionModel(enc, {m: ClassifierHead(2, 3, hidden=()) for m in mods})
 
@@ -32,14 +32,12 @@ def _data(seed=0, n=10):
 
 
 def _ctx(model, batches, lr=0.1):
-    return SimpleNamespace(modalities=model.modalities, device=torch.device("cpu"),
-                           make_optimizer=lambda params: torch.optim.SGD(list(params), lr=lr),
-                           train_batches=lambda: iter(batches), val_batches=None, epochs_per_modality=1,
-                           steps_per_epoch=len(batches))
+    return make_context(model.modalities, lr=lr, train_batches=batches, epochs_per_modality=1,
+                        steps_per_epoch=len(batches))
 
 
 def _split(xs, y, at=4):
-    return [({m: x[:at] for m, x in xs.items()}, y[:at]), ({m: x[at:] for m, x in xs.items()}, y[at:])]
+    return [Batch({m: x[:at] for m, x in xs.items()}, y[:at]), Batch({m: x[at:] for m, x in xs.items()}, y[at:])]
 
 
 # ---- prototypes -----------------------------------------------------------------------------
@@ -75,7 +73,7 @@ def test_absent_class_keeps_its_prototype():
     method.start_epoch(0)
     before = method.prototypes["a"][2].clone()
     keep = y != 2
-    method.ctx.train_batches = lambda: iter([({m: x[keep] for m, x in xs.items()}, y[keep])])
+    method.ctx.train_batches = lambda: iter([Batch({m: x[keep] for m, x in xs.items()}, y[keep])])
     method.end_epoch(0)
     assert torch.equal(method.prototypes["a"][2], before)
 
@@ -110,11 +108,11 @@ def test_coefficients_by_hand():
 
 
 # ---- a step: the loss and its gradient by hand -------------------------------------------
-@pytest.mark.parametrize("fusion", ["average", "concat"])
-def test_step_loss_and_update_by_hand(fusion):
-    model = _model(fusion=fusion)
+@pytest.mark.parametrize("feature_fusion", ["late", "concat"])
+def test_step_loss_and_update_by_hand(feature_fusion):
+    model = _model(feature_fusion=feature_fusion)
     xs, y = _data()
-    method = PMR(alpha=1.0, mu=0.5, momentum=0.2, fusion=fusion)
+    method = PMR(alpha=1.0, mu=0.5, momentum=0.2, feature_fusion=feature_fusion)
     method.setup(model, _ctx(model, _split(xs, y), lr=0.1))
     method.start_epoch(0)
     C = {m: c.clone() for m, c in method.prototypes.items()}
@@ -131,7 +129,7 @@ def test_step_loss_and_update_by_hand(fusion):
     gamma = {"a": min(max(rho_a - 1, 0), 1), "v": min(max(rho_v - 1, 0), 1)}
     assert max(beta.values()) > 0.01                                     # the check has power
     ent = {m: -(p[m] * p[m].log()).sum(1).mean() for m in xs}
-    if fusion == "concat":
+    if feature_fusion == "concat":
         z_fused = ref.head(torch.cat([z["a"], z["v"]], dim=1))
     else:
         z_fused = (ref.heads["a"](z["a"]) + ref.heads["v"](z["v"])) / 2
@@ -140,7 +138,7 @@ def test_step_loss_and_update_by_hand(fusion):
             - 0.5 * sum(gamma[m] * ent[m] for m in xs))
     grads = torch.autograd.grad(loss, list(ref.parameters()))
 
-    logs = method.train_step(xs, y)
+    logs = method.training_step(Batch(xs, y), make_step(0, 0, 2))
     assert logs["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert logs["pmr_rho"] == pytest.approx(rho_a, rel=1e-5)
     for q, g, p_ in zip(ref.parameters(), grads, model.parameters()):
@@ -153,12 +151,41 @@ def test_no_per_after_its_epochs_and_no_modulation_outside_window():
     method = PMR(per_epochs=1, modulation_ends=2)
     method.setup(model, _ctx(model, _split(xs, y)))
     method.start_epoch(0)
-    assert any(k.startswith("pmr_gamma") for k in method.train_step(xs, y))
+    assert any(k.startswith("pmr_gamma") for k in method.training_step(Batch(xs, y), make_step(0)))
     method.start_epoch(1)
-    logs = method.train_step(xs, y)
+    logs = method.training_step(Batch(xs, y), make_step(1))
     assert "pmr_beta_a" in logs and not any(k.startswith("pmr_gamma") for k in logs)
     method.start_epoch(2)
-    assert set(method.train_step(xs, y)) == {"loss"}
+    assert set(method.training_step(Batch(xs, y), make_step(2))) == {"loss"}
+    # a window that starts later: no modulation before it, PER counted from its start
+    late = PMR(per_epochs=1, modulation_starts=1)
+    late.setup(model, _ctx(model, _split(xs, y)))
+    late.start_epoch(0)
+    assert set(late.training_step(Batch(xs, y), make_step(0))) == {"loss"}
+    late.start_epoch(1)
+    assert any(k.startswith("pmr_gamma") for k in late.training_step(Batch(xs, y), make_step(1)))
+    assert not any(k.startswith("pmr_gamma") for k in late.training_step(Batch(xs, y), make_step(2)))
+
+
+def test_settings_are_checked_and_the_default_predicts_softmax_of_the_mean_logits():
+    with pytest.raises(mie.MieInputError, match=r"momentum must be a number in \[0, 1\)"):
+        create_method("pmr", momentum=1.0)
+    with pytest.raises(mie.MieInputError, match="alpha must be a number >= 0"):
+        create_method("pmr", alpha=-1)
+    with pytest.raises(mie.MieInputError, match="feature_fusion must be one of"):
+        create_method("pmr", feature_fusion="average")
+    with pytest.raises(mie.MieInputError, match="modulation_ends"):
+        create_method("pmr", modulation_starts=3, modulation_ends=2)
+    method = create_method("pmr")
+    assert (method.feature_fusion, method.fusion) == ("late", "model")
+    model = _model()
+    method.setup(model, _ctx(model, []))
+    xs, _ = _data()
+    model.eval()
+    fused, per = method.predict(xs)
+    z = {m: model.heads[m](model.encoders[m](xs[m])).detach() for m in xs}
+    assert torch.allclose(fused, F.softmax((z["a"] + z["v"]) / 2, dim=-1), atol=1e-6)
+    assert torch.allclose(per["v"], F.softmax(z["v"], dim=-1), atol=1e-6)
 
 
 def test_three_modalities_raise():
@@ -173,7 +200,7 @@ def test_state_dict_round_trip():
     method = PMR()
     method.setup(model, _ctx(model, _split(xs, y)))
     method.start_epoch(0)
-    method.train_step(xs, y)
+    method.training_step(Batch(xs, y), make_step(0))
     state = method.state_dict()
     other = PMR()
     other.setup(model, _ctx(model, _split(xs, y)))

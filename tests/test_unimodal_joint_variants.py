@@ -11,10 +11,11 @@ from torch import nn
 import mie
 import mie.methods
 from mie.errors import MieInputError
-from mie.methods.joint import Joint, SharedHeadModel
+from conftest import make_context, make_step
+from mie.methods.joint import Joint
+from mie.models import SharedHeadModel
 from mie.methods.unimodal import Unimodal
 from mie.models import LateFusionModel, ModelSpec
-from mie.train import TrainContext
 
 K = 3
 SHAPES = {"a": (5,), "b": (4,)}
@@ -41,10 +42,7 @@ def _batch(mods=("a", "b"), n=10, seed=1):
 
 
 def _ctx(mods):
-    return TrainContext(modalities=list(mods), device=torch.device("cpu"),
-                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=0.0),  # grads stay visible
-                        train_batches=lambda: iter(()), val_batches=lambda: iter(()),
-                        epochs_per_modality=1, steps_per_epoch=1)
+    return make_context(mods, lr=0.0, epochs_per_modality=1)      # lr 0: gradients stay visible
 
 
 def _grads_of(model, loss_fn):
@@ -74,7 +72,7 @@ def test_unimodal_step_and_prediction_by_hand():
     method.setup(model, _ctx(["b"]))
     xs, y = _batch(("b",))
     loss, grads = _grads_of(model, lambda m: F.cross_entropy(m.heads["b"](m.encoders["b"](xs["b"])), y))
-    assert method.train_step(xs, y)["loss"] == pytest.approx(loss)
+    assert method.training_step((xs, y), make_step())["loss"] == pytest.approx(loss)
     _assert_grads(model, grads)
     model.eval()
     fused, per = method.predict(xs)
@@ -87,7 +85,7 @@ def test_unimodal_step_and_prediction_by_hand():
 def test_joint_default_is_late_fusion_of_mean_logits():
     method = Joint()
     model = method.build_model(_spec())
-    assert isinstance(model, LateFusionModel) and method.fusion == "average"
+    assert isinstance(model, LateFusionModel) and method.fusion == "model" and method.feature_fusion == "late"
     model = _deterministic(model)
     method.setup(model, _ctx(["a", "b"]))
     xs, y = _batch()
@@ -95,14 +93,14 @@ def test_joint_default_is_late_fusion_of_mean_logits():
     def mean_loss(m):
         return F.cross_entropy((m.heads["a"](m.encoders["a"](xs["a"])) + m.heads["b"](m.encoders["b"](xs["b"]))) / 2, y)
     loss, grads = _grads_of(model, mean_loss)
-    assert method.train_step(xs, y)["loss"] == pytest.approx(loss)
+    assert method.training_step((xs, y), make_step())["loss"] == pytest.approx(loss)
     _assert_grads(model, grads)
 
 
 # ---- joint: concat / sum with one shared head -----------------------------------------------------
 @pytest.mark.parametrize("fusion", ["concat", "sum"])
 def test_feature_fusion_step_and_predictions_by_hand(fusion):
-    method = Joint(fusion=fusion)
+    method = Joint(feature_fusion=fusion)
     model = method.build_model(_spec())
     assert isinstance(model, SharedHeadModel)
     assert model.head.linears[0].in_features == (2 * DIM if fusion == "concat" else DIM)
@@ -117,7 +115,7 @@ def test_feature_fusion_step_and_predictions_by_hand(fusion):
         return m.head(combine(m.encoders["a"](xs["a"]), m.encoders["b"](xs["b"])))
 
     loss, grads = _grads_of(model, lambda m: F.cross_entropy(fused_logits(m), y))
-    assert method.train_step(xs, y)["loss"] == pytest.approx(loss)
+    assert method.training_step((xs, y), make_step())["loss"] == pytest.approx(loss)
     _assert_grads(model, grads)
 
     model.eval()
@@ -133,9 +131,13 @@ def test_feature_fusion_step_and_predictions_by_hand(fusion):
     assert not torch.allclose(per["a"], per["b"])
 
 
-def test_unknown_fusion_is_refused():
-    with pytest.raises(MieInputError, match="concat"):
-        Joint(fusion="gated")
+def test_unknown_fusion_is_refused_at_construction():
+    with pytest.raises(MieInputError, match="fusion must be one of 'model', 'average', 'weight', got 'gated'"):
+        mie.methods.create_method("joint", fusion="gated")
+    with pytest.raises(MieInputError, match="feature_fusion must be one of 'late', 'concat', 'sum'"):
+        Joint(feature_fusion="gated")
+    with pytest.raises(MieInputError, match="fusion must be one of 'average', 'weight', got 'bogus'"):
+        mie.methods.create_method("mie", fusion="bogus")
 
 
 # ---- through the loop -----------------------------------------------------------------------------
@@ -152,8 +154,8 @@ CONFIG = {"model": {"dim": 8, "head_hidden": [8]}, "train": {"batch_size": 32, "
 
 @pytest.mark.parametrize("fusion", ["concat", "sum"])
 def test_joint_feature_fusion_runs_through_the_loop(fusion):
-    result = mie.fit(_arrays(), method="joint", config=CONFIG, epochs=2, seed=0, progress=False, fusion=fusion)
-    assert result["method_params"]["fusion"] == fusion
+    result = mie.fit(_arrays(), method="joint", config=CONFIG, epochs=2, seed=0, progress=False, feature_fusion=fusion)
+    assert result["method_params"]["feature_fusion"] == fusion
     assert set(result["test"]["per_modality"]) == {"a", "b"}
     assert 0.0 <= result["test"]["accuracy"] <= 1.0
 

@@ -11,9 +11,9 @@ their predictions diverge, so DOMFN measures the divergence of the uni-modal pre
 sample with a "functional penalty score", fuses only the samples whose divergence is small, and
 trains with an "amended loss" built from the same score.
 
-Model (``DOMFNModel``). Encoders φ_m (output size d) with a uni-modal head h_m each, and a fusion
-head g on the concatenated features (``feature_fusion``: "concat", or their element-wise "mean"
-or "max", the code's three options):
+Model (``mie.models.MultiHeadModel``). Encoders φ_m (output size d) with a uni-modal head h_m
+each, and a fusion head g on the concatenated features (``feature_fusion``: "concat", or their
+element-wise "mean" or "max", the code's three options):
 
     z_m = h_m(φ_m(x_m)),   q_m = softmax(z_m),   z_f = g([φ_1(x_1); …; φ_M(x_M)])
 
@@ -51,8 +51,8 @@ the other modalities' q_j are constants: q̄ = (q_m + Σ_{j≠m} sg(q_j)) / M, s
 
 Prediction (``domfn_predict``): the fused prediction softmax(z_f,i) for consistent samples; for
 rejected samples the uni-modal prediction of the most confident modality, argmax_m max_c q_m,i,c
-(``fusion="divergence"``, the paper's rule). ``fusion="model"`` always uses the fusion head;
-"average"/"weight" fuse the uni-modal q_m. Modality m's own accuracy is q_m.
+(``fusion="divergence"``, the default, the paper's rule). ``fusion="model"`` always uses the
+fusion head; "average"/"weight" fuse the uni-modal q_m. Modality m's own accuracy is q_m.
 
 Known differences from the released code, all deliberate:
   * the released code can only run with batch size 1 (``if text_p < gamma`` and ``.item()`` on
@@ -63,7 +63,7 @@ Known differences from the released code, all deliberate:
     the confidence use the softmax probabilities q (like the code's sigmoid outputs, in [0, 1]).
   * one optimizer (``train.*``) for all parameters instead of four Adams with their own learning
     rates; the code's optional uni-modal pre-training (``is_pretrain``: Σ_m ℓ_m for ``pre_epoch``
-    epochs) is ``pretrain_epochs`` loop epochs at the start of the budget.
+    epochs) is the first ``pretrain_epochs`` loop epochs of the budget (default 0).
   * the three released versions disagree on the two branches of the loss (PyTorch: rejected
     samples use plain ℓ_m; MindSpore: consistent samples use Σ_m L̃_m + ℓ_f without Σ_m ℓ_m);
     ``mie`` uses the form on which the Paddle (paper's resume task) and PyTorch codes agree for
@@ -80,58 +80,11 @@ Logged per step (averaged per epoch): ``loss``, ``domfn_ce_<m>``, ``domfn_ce_fus
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..errors import MieInputError
-from ..models import ClassifierHead, build_encoders, fuse
-from .base import Method, require_two_modalities
-
-DOMFN_FUSIONS = ("divergence", "model", "average", "weight")
-FEATURE_FUSIONS = ("concat", "mean", "max")
-
-
-class DOMFNModel(nn.Module):
-    """Encoders φ_m, uni-modal heads h_m and a fusion head g: ``forward(xs)`` → {m: z_m (B, K)}."""
-
-    def __init__(self, encoders, heads, fusion_head, feature_fusion="concat"):
-        super().__init__()
-        if list(encoders) != list(heads):
-            raise ValueError("encoders and heads must name the same modalities in the same order")
-        self.encoders = nn.ModuleDict(encoders)
-        self.heads = nn.ModuleDict(heads)
-        self.fusion_head = fusion_head
-        self.feature_fusion = feature_fusion
-
-    @property
-    def modalities(self):
-        return list(self.encoders)
-
-    def features(self, xs):
-        return {m: self.encoders[m](xs[m]) for m in self.modalities}
-
-    def fused_logits(self, feats):
-        """z_f = g(fused features): concatenation in modality order, element-wise mean or max."""
-        values = [feats[m] for m in self.modalities]
-        if self.feature_fusion == "concat":
-            return self.fusion_head(torch.cat(values, dim=-1))
-        stacked = torch.stack(values)
-        return self.fusion_head(stacked.mean(dim=0) if self.feature_fusion == "mean" else stacked.max(dim=0).values)
-
-    def outputs(self, xs):
-        """({m: z_m}, z_f)."""
-        feats = self.features(xs)
-        return {m: self.heads[m](feats[m]) for m in self.modalities}, self.fused_logits(feats)
-
-    def forward(self, xs):
-        feats = self.features(xs)
-        return {m: self.heads[m](feats[m]) for m in self.modalities}
-
-    @classmethod
-    def build(cls, spec, feature_fusion="concat"):
-        encoders = build_encoders(spec)
-        heads = {m: ClassifierHead(spec.dim, spec.num_classes, spec.head_hidden) for m in spec.modalities}
-        width = spec.dim * len(spec.modalities) if feature_fusion == "concat" else spec.dim
-        return cls(encoders, heads, ClassifierHead(width, spec.num_classes, spec.head_hidden), feature_fusion)
+from ..models import FUSIONS, MultiHeadModel
+from ..models.multi_head import FEATURE_FUSIONS
+from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
+from .params import Param, number, one_of
 
 
 # ---- the paper's quantities, as plain functions ------------------------------------------------
@@ -183,78 +136,50 @@ def domfn_predict(uni_logits, fused_logits, tau, gamma):
     return torch.where(c.unsqueeze(-1), F.softmax(fused_logits.float(), dim=-1), uni)
 
 
-class DOMFN(Method):
+class DOMFN(SingleOptimizerMethod):
     name = "domfn"
-
-    def __init__(self, eta=0.1, tau=1.0, gamma=0.1, feature_fusion="concat", pretrain_epochs=0,
-                 fusion="divergence"):
-        super().__init__(fusion=fusion)
-        if fusion not in DOMFN_FUSIONS:
-            raise MieInputError(f"unknown fusion '{fusion}' for DOMFN; expected one of {DOMFN_FUSIONS} "
-                                "('divergence': fused head when the modalities agree, else the most confident one)")
-        if feature_fusion not in FEATURE_FUSIONS:
-            raise MieInputError(f"unknown feature_fusion '{feature_fusion}'; expected one of {FEATURE_FUSIONS}")
-        if not eta >= 0:
-            raise MieInputError(f"eta (weight of the divergence term) must be >= 0, got {eta}")
-        if not tau > 0:
-            raise MieInputError(f"tau (penalty scale) must be > 0, got {tau}")
-        if not gamma >= 0:
-            raise MieInputError(f"gamma (fusion margin) must be >= 0, got {gamma}")
-        if isinstance(pretrain_epochs, bool) or int(pretrain_epochs) != pretrain_epochs or pretrain_epochs < 0:
-            raise MieInputError(f"pretrain_epochs must be an integer >= 0, got {pretrain_epochs}")
-        self.eta, self.tau, self.gamma = float(eta), float(tau), float(gamma)
-        self.feature_fusion, self.pretrain_epochs = feature_fusion, int(pretrain_epochs)
-        self._epoch = 0
+    params = {
+        "eta": Param(0.1, number(at_least=0), "weight η of the divergence term"),
+        "tau": Param(1.0, number(above=0), "penalty scale τ"),
+        "gamma": Param(0.1, number(at_least=0), "fusion margin γ: a sample is fused when max_m p_m/τ < γ"),
+        "feature_fusion": Param("concat", one_of(*FEATURE_FUSIONS), "the fusion head's input: concat | mean | max"),
+        "pretrain_epochs": Param(0, number(at_least=0, integer=True), "loop epochs of uni-modal pre-training"),
+        "fusion": fusion_param("divergence", ("divergence",) + FUSIONS),
+    }
 
     # ---- set-up -----------------------------------------------------------------------
     def build_model(self, spec):
-        return DOMFNModel.build(spec, self.feature_fusion)
+        return MultiHeadModel.build(spec, self.feature_fusion)
 
     def setup(self, model, ctx):
-        if not isinstance(model, DOMFNModel):
-            raise MieInputError(f"DOMFN trains a DOMFNModel (uni-modal heads and a fusion head); "
-                                f"got {type(model).__name__}")
         require_two_modalities(model, self.name)
         super().setup(model, ctx)
-        self.optimizer = ctx.make_optimizer(model.parameters())
 
     # ---- training ---------------------------------------------------------------------
-    def start_epoch(self, epoch):
-        self._epoch = epoch
-
-    def train_step(self, xs, y):
+    def training_step(self, batch, step):
+        xs, y = batch
         uni, fused = self.model.outputs(xs)
-        if self._epoch < self.pretrain_epochs:          # uni-modal pre-training: Σ_m ℓ_m
+        if step.epoch < self.pretrain_epochs:           # uni-modal pre-training: Σ_m ℓ_m
             ce = {m: F.cross_entropy(z, y) for m, z in uni.items()}
             loss = sum(ce.values())
-            logs = {f"domfn_ce_{m}": v.item() for m, v in ce.items()}
+            logs = {f"domfn_ce_{m}": v.detach() for m, v in ce.items()}
         else:
             loss, parts = domfn_loss(uni, fused, y, self.eta, self.tau, self.gamma)
-            logs = {f"domfn_ce_{m}": v.mean().item() for m, v in parts["ce"].items()}
-            logs["domfn_ce_fused"] = parts["ce_fused"].mean().item()
-            logs.update({f"domfn_penalty_{m}": p.mean().item() for m, p in parts["penalty"].items()})
-            logs["domfn_fused_frac"] = parts["consistent"].float().mean().item()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item(), **logs}
+            logs = {f"domfn_ce_{m}": v.detach().mean() for m, v in parts["ce"].items()}
+            logs["domfn_ce_fused"] = parts["ce_fused"].detach().mean()
+            logs.update({f"domfn_penalty_{m}": p.detach().mean() for m, p in parts["penalty"].items()})
+            logs["domfn_fused_frac"] = parts["consistent"].float().mean()
+        self.minimize(loss)
+        return {"loss": loss.detach(), **logs}
 
     # ---- inference --------------------------------------------------------------------
+    def logits(self, xs):
+        return self.model.outputs(xs)
+
     @torch.no_grad()
     def predict(self, xs):
-        uni, fused_logits = self.model.outputs(xs)
+        if self.fusion != "divergence":
+            return super().predict(xs)
+        uni, fused_logits = self.logits(xs)
         per_modality = {m: F.softmax(z.float(), dim=-1) for m, z in uni.items()}
-        if self.fusion == "divergence":
-            fused = domfn_predict(uni, fused_logits, self.tau, self.gamma)
-        elif self.fusion == "model":
-            fused = F.softmax(fused_logits.float(), dim=-1)
-        else:
-            fused = fuse(torch.stack(list(per_modality.values())), self.fusion)
-        return fused, per_modality
-
-    # ---- resume -----------------------------------------------------------------------
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        return domfn_predict(uni, fused_logits, self.tau, self.gamma), per_modality

@@ -5,11 +5,11 @@ CVPR 2023 (arXiv 2211.07089); code: github.com/fanyunfeng-bit/Modal-Imbalance-PM
 (``main_Prototype_grad.py``).
 
 Model and base loss. Any of ``joint``'s models, trained with L_CE = CE(z, y) of its fused logits:
-``fusion="average"`` (default) or "weight" — one head h_m per modality, z = (1/M) Σ_m h_m(φ_m(x_m));
+``feature_fusion="late"`` (default) — one head h_m per modality, z = (1/M) Σ_m h_m(φ_m(x_m));
 "concat" — one head on [φ_1(x_1); …; φ_M(x_M)] (the authors' default ``--fusion_method concat``);
 "sum" — one head on Σ_m φ_m(x_m). PMR acts only on the encoder features z_m = φ_m(x_m)
-(d-dimensional), so it needs nothing from the fusion or the heads; predictions and per-modality
-accuracies are ``joint``'s.
+(d-dimensional), so it needs nothing from the fusion or the heads; predictions (``fusion``:
+"model" = softmax(z) by default, or "average" / "weight") and per-modality accuracies are ``joint``'s.
 
 Prototypes. For modality m and class k, the class mean of the features over the training data,
 computed with the model in eval mode and no gradient (here: one full pass of ``ctx.train_batches``),
@@ -31,7 +31,8 @@ Imbalance ratio (two modalities a, v), on each mini-batch B, from the prototype 
 
 Coefficients. The slower modality gets the prototype loss, the dominant one an entropy
 regularisation that keeps it from converging prematurely (prototypical entropy regularisation,
-PER, E^m = (1/|B|) Σ_i H(p^m_i), only during the first ``per_epochs`` modulated epochs):
+PER, E^m = (1/|B|) Σ_i H(p^m_i), only in loop epochs modulation_starts ≤ e < modulation_starts +
+``per_epochs`` of the modulation window):
 
     β_a = α · clip(ρ_v − 1, 0, 1),    β_v = α · clip(ρ_a − 1, 0, 1)      (PCE weights)
     γ_a =     clip(ρ_a − 1, 0, 1),    γ_v =     clip(ρ_v − 1, 0, 1)      (PER weights)
@@ -51,7 +52,8 @@ has no PER; it also averages the prototypes over the first 10% of a shuffled tra
 whereas ``ctx.train_batches`` is unshuffled, so here the whole training set is used. Defaults:
 α = 1.0 (``--alpha``) and μ_p = 0.2 (``--momentum_coef``) from the released code; μ = 0.01 and
 10 PER epochs from BalanceBenchmark (GeWu-Lab, ``trainer_config.yaml``: mu, norm_epoch), as the
-released code has no PER; modulation in every epoch (the code modulates epochs 0–100 of 150).
+released code has no PER; modulation in every epoch (``modulation_starts``/``modulation_ends``, the
+shared window of ``mie.methods.window``; the code modulates epochs 0–100 of 150).
 
 Three or more modalities: ρ, β and γ are defined only for a pair (neither the paper nor the
 authors' later code says which modality is "the other" when there are more), so ``setup`` raises
@@ -61,10 +63,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError
-from ..models import LateFusionModel
-from ..models import SharedHeadModel
+from ..models import eval_mode
 from .joint import Joint
-FEATURE_FUSIONS, LATE_FUSIONS = ("concat", "sum"), ("average", "weight")
+from .params import Param, number
+from .window import WINDOW_PARAMS, check_window, in_window
 
 
 def prototype_logits(z, C):
@@ -101,28 +103,25 @@ def prototype_entropy(logits):
 
 class PMR(Joint):
     name = "pmr"
+    params = {
+        **Joint.params,
+        "alpha": Param(1.0, number(at_least=0), "weight α of the slower modality's prototype loss"),
+        "momentum": Param(0.2, number(at_least=0, below=1), "prototype momentum μ_p"),
+        "mu": Param(0.01, number(at_least=0), "weight μ of the prototypical entropy regularisation"),
+        "per_epochs": Param(10, number(at_least=0, integer=True), "epochs of entropy regularisation"),
+        **WINDOW_PARAMS,
+    }
 
-    def __init__(self, alpha=1.0, momentum=0.2, mu=0.01, per_epochs=10, modulation_starts=0,
-                 modulation_ends=None, fusion="average"):
-        if fusion not in LATE_FUSIONS + FEATURE_FUSIONS:
-            raise MieInputError(f"unknown fusion '{fusion}' for PMR; expected one of "
-                                f"{', '.join(LATE_FUSIONS + FEATURE_FUSIONS)}")
-        super().__init__(fusion=fusion)
-        if alpha < 0 or mu < 0:
-            raise MieInputError(f"alpha and mu must be >= 0, got alpha={alpha}, mu={mu}")
-        if not 0 <= momentum < 1:
-            raise MieInputError(f"momentum must be in [0, 1), got {momentum}")
-        self.alpha, self.momentum, self.mu = float(alpha), float(momentum), float(mu)
-        self.per_epochs = int(per_epochs)
-        self.modulation_starts = int(modulation_starts)
-        self.modulation_ends = None if modulation_ends is None else int(modulation_ends)
+    @classmethod
+    def check_params(cls, values):
+        check_window(values)
+
+    def __init__(self, **values):
+        super().__init__(**values)
         self.prototypes = None
 
     # ---- set-up -----------------------------------------------------------------------
     def setup(self, model, ctx):
-        if not isinstance(model, (LateFusionModel, SharedHeadModel)):
-            raise MieInputError(f"PMR trains joint's models (LateFusionModel, SharedHeadModel); "
-                                f"got {type(model).__name__}")
         if len(model.modalities) != 2:
             raise MieInputError(
                 f"PMR is defined for exactly 2 modalities, got {len(model.modalities)} ({', '.join(model.modalities)}): "
@@ -131,15 +130,9 @@ class PMR(Joint):
                 "the authors' code define them for more. Select 2 modalities (data.modalities) or use a method "
                 "that handles M modalities (mie, mla, agm).")
         super().setup(model, ctx)
-        head = model.head if isinstance(model, SharedHeadModel) else model.heads[model.modalities[0]]
+        head = model.head if self.shared_head else model.heads[model.modalities[0]]
         self.num_classes = head.linears[-1].out_features
         self.prototypes = None
-
-    def modulating(self, epoch):
-        return epoch >= self.modulation_starts and (self.modulation_ends is None or epoch < self.modulation_ends)
-
-    def regularizing(self, epoch):
-        return self.modulating(epoch) and epoch < self.modulation_starts + self.per_epochs
 
     # ---- prototypes ---------------------------------------------------------------------
     @torch.no_grad()
@@ -148,20 +141,18 @@ class PMR(Joint):
 
         Also returns {m: accuracy of the nearest-prototype classifier with the current prototypes}."""
         model = self.model
-        was_training = model.training
-        model.eval()
         sums, counts, correct, n = {}, None, {m: 0 for m in model.modalities}, 0
-        for xs, y in self.ctx.train_batches():
-            onehot = F.one_hot(y, self.num_classes).to(torch.float64)
-            counts = onehot.sum(0) if counts is None else counts + onehot.sum(0)
-            n += len(y)
-            for m in model.modalities:
-                z = model.encoders[m](xs[m]).to(torch.float64)
-                sums[m] = onehot.T @ z if m not in sums else sums[m] + onehot.T @ z
-                if self.prototypes is not None:
-                    pred = prototype_logits(z, self.prototypes[m]).argmax(dim=1)
-                    correct[m] += int((pred == y).sum())
-        model.train(was_training)
+        with eval_mode(model):
+            for xs, y in self.ctx.train_batches():
+                onehot = F.one_hot(y, self.num_classes).to(torch.float64)
+                counts = onehot.sum(0) if counts is None else counts + onehot.sum(0)
+                n += len(y)
+                for m in model.modalities:
+                    z = model.encoders[m](xs[m]).to(torch.float64)
+                    sums[m] = onehot.T @ z if m not in sums else sums[m] + onehot.T @ z
+                    if self.prototypes is not None:
+                        pred = prototype_logits(z, self.prototypes[m]).argmax(dim=1)
+                        correct[m] += int((pred == y).sum())
         means = {m: (s / counts.clamp_min(1)[:, None]).float() for m, s in sums.items()}
         acc = {m: correct[m] / max(n, 1) for m in model.modalities} if self.prototypes is not None else {}
         return means, counts, acc
@@ -179,20 +170,20 @@ class PMR(Joint):
 
     # ---- training ---------------------------------------------------------------------
     def start_epoch(self, epoch):
-        self._epoch = epoch
         if self.prototypes is None:
             self.update_prototypes()
 
-    def train_step(self, xs, y):
+    def training_step(self, batch, step):
+        xs, y = batch
         model, mods = self.model, self.model.modalities
-        feats = {m: model.encoders[m](xs[m]) for m in mods}
-        if isinstance(model, SharedHeadModel):
+        feats = model.features(xs)
+        if self.shared_head:
             z = model.head(model.combine(feats))
         else:
-            z = torch.stack([model.heads[m](feats[m]) for m in mods]).mean(dim=0)
+            z = self.fused_logits({m: model.heads[m](feats[m]) for m in mods})
         loss = F.cross_entropy(z, y)
         logs = {}
-        if self.modulating(self._epoch):
+        if in_window(step.epoch, self.modulation_starts, self.modulation_ends):
             plog = {m: prototype_logits(feats[m], self.prototypes[m]) for m in mods}
             scores = {m: prototype_score(plog[m], y) for m in mods}
             beta, gamma = pmr_coefficients(scores, self.alpha)
@@ -200,18 +191,16 @@ class PMR(Joint):
                 pce = F.cross_entropy(plog[m], y)
                 if beta[m] > 0:
                     loss = loss + beta[m] * pce
-                logs[f"pmr_pce_{m}"] = pce.item()
+                logs[f"pmr_pce_{m}"] = pce.detach()
                 logs[f"pmr_beta_{m}"] = beta[m]
-            if self.mu > 0 and self.regularizing(self._epoch):
+            if self.mu > 0 and step.epoch < self.modulation_starts + self.per_epochs:       # PER
                 for m in mods:
                     if gamma[m] > 0:
                         loss = loss - self.mu * gamma[m] * prototype_entropy(plog[m])
                     logs[f"pmr_gamma_{m}"] = gamma[m]
             logs["pmr_rho"] = scores[mods[0]] / max(scores[mods[1]], 1e-12)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item(), **logs}
+        self.minimize(loss)
+        return {"loss": loss.detach(), **logs}
 
     def end_epoch(self, epoch):
         return self.update_prototypes()

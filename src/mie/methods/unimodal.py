@@ -28,6 +28,10 @@ class Unimodal(SingleOptimizerMethod):
         _check_one(self.name, list(spec.modalities))
         return super().build_model(spec)
 
+    def setup(self, model, ctx):
+        _check_one(self.name, list(model.modalities))
+        super().setup(model, ctx)
+
     def training_step(self, batch, step):
         xs, y = batch
         (m,) = self.model.modalities
