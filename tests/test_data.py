@@ -137,11 +137,11 @@ def test_carve_validation_is_stratified_and_checked():
 def test_arrays_leave_the_callers_dict_alone():
     x = {"a": np.arange(12, dtype=np.float64).reshape(6, 2), "b": np.ones((6, 3), dtype=np.int64)}
     before = {m: a for m, a in x.items()}
-    arrays = mie.MultimodalArrays(x, np.arange(6) % 2)
+    arrays = MultimodalArrays(x, np.arange(6) % 2)
     assert all(x[m] is before[m] for m in x) and x["a"].dtype == np.float64
     assert arrays.x["a"].dtype == np.float32 and arrays.x["b"].dtype == np.float32
 
 
 def test_zero_samples_is_one_clear_error():
-    with pytest.raises(mie.MieInputError, match="has no samples"):
-        mie.MultimodalArrays({"a": np.zeros((0, 4), np.float32)}, np.zeros(0, int))
+    with pytest.raises(MieInputError, match="has no samples"):
+        MultimodalArrays({"a": np.zeros((0, 4), np.float32)}, np.zeros(0, int))

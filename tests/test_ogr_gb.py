@@ -1,6 +1,7 @@
 """OGR-GB (mie.methods.ogr_gb) against hand computations: ΔO, ΔG and the blend weights from given
-loss histories, the warm-up and the re-estimation window, the weighted loss and its gradients, the
-sample-mean losses it measures, m >= 3, and a crash-and-resume run through the loop."""
+loss histories, the warm-up and the re-estimation window (L^V from the loop's validation metrics,
+L^T from ``ctx.evaluate("train")``), the weighted loss and its gradients, the sample-mean eval-mode
+losses of checkpoint 0, m >= 3, and the refused settings."""
 import copy
 
 import pytest
@@ -8,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mie.train
+from conftest import make_context, make_step
 from mie.errors import MieInputError
-from mie.methods.multihead import MultiHeadModel, output_metrics
+from mie.methods import Batch, create_method
 from mie.methods.ogr_gb import GradientBlending, blend_weights, overfitting_generalization
-from mie.models import ClassifierHead
-from mie.train import TrainContext
+from mie.models import ClassifierHead, MultiHeadModel
 
 K = 3
 
@@ -56,25 +58,40 @@ def _model(mods=("a", "v")):
                           ClassifierHead(3 * len(mods), K, hidden=(5,)))
 
 
-def _ctx(mods, train=(), val=()):
-    return TrainContext(modalities=list(mods), device=torch.device("cpu"),
-                        make_optimizer=lambda params: torch.optim.SGD(list(params), lr=0.1),
-                        train_batches=lambda: iter(train), val_batches=lambda: iter(val),
-                        epochs_per_modality=6, steps_per_epoch=1)
+def _metrics(losses):
+    """A metrics dict whose losses are {k: L_k} (the fused prediction's as "loss")."""
+    return {"accuracy": 0.0, "loss": losses["fused"],
+            "per_modality": {m: {"loss": v, "accuracy": 0.0, "macro_f1": 0.0} for m, v in losses.items() if m != "fused"}}
 
 
-def test_warm_up_then_one_estimate_per_window(monkeypatch):
+def _loop_context(method, model, splits):
+    """A context whose ``evaluate(split)`` is the loop's own evaluation of ``method`` on the batches of
+    ``splits[split]``."""
+    evaluate = lambda split: mie.train.evaluate(method, splits[split], torch.device("cpu"), model.modalities)
+    return make_context(model.modalities, evaluate=evaluate)
+
+
+def test_warm_up_then_one_estimate_per_window():
     # checkpoints 0, 2, 4 (n = 2): uniform weights for epochs 0-1, then (0→2) for epochs 2-3, (2→4) after.
-    c0 = START
-    c2 = END
+    c0, c2 = START, END
     c4 = {"train": {"a": 0.3, "v": 0.9, "fused": 0.35}, "val": {"a": 0.85, "v": 1.0, "fused": 0.8}}
-    checkpoints = iter([c0, c2, c4])
-    monkeypatch.setattr(GradientBlending, "measure", lambda self: next(checkpoints))
+    now, asked = {"checkpoint": c0}, []
+
+    def evaluate(split):
+        asked.append(split)
+        return _metrics(now["checkpoint"][split])
     model = _model()
-    method = GradientBlending(blend_every=2)
-    method.setup(model, _ctx(model.modalities))               # measures checkpoint 0
+    method = create_method("ogr_gb", blend_every=2)
+    method.setup(model, make_context(model.modalities, evaluate=evaluate))     # measures checkpoint 0
+    assert sorted(asked) == ["train", "val"]
+    assert method.window_start == c0
     assert method.weights == {k: pytest.approx(1 / 3) for k in ("a", "v", "fused")}
-    rows = [method.end_epoch(t) for t in range(4)]
+    rows = []
+    for t, checkpoint in enumerate([c0, c2, c4, c4]):
+        now["checkpoint"] = checkpoint
+        asked.clear()
+        rows.append(method.on_validation(t, _metrics(checkpoint["val"])))
+        assert asked == (["train"] if t % 2 == 1 else [])                     # L^T at re-estimation epochs only
     assert rows[0]["gb_w_a"] == pytest.approx(1 / 3) and "gb_dG_a" not in rows[0]
     assert {k: rows[1][f"gb_w_{k}"] for k in HAND} == {k: pytest.approx(v) for k, v in HAND.items()}
     assert rows[2]["gb_w_v"] == pytest.approx(HAND["v"]) and "gb_dG_v" not in rows[2]
@@ -85,52 +102,68 @@ def test_warm_up_then_one_estimate_per_window(monkeypatch):
     assert {k: rows[3][f"gb_w_{k}"] for k in HAND} == {k: pytest.approx(raw[k] / sum(raw.values())) for k in HAND}
     assert rows[3]["gb_dG_a"] == pytest.approx(0.05) and rows[3]["gb_dO_a"] == pytest.approx(0.15)
     assert rows[3]["gb_ogr_a"] == pytest.approx(0.15 / 0.05)
+    assert method.window_epoch == 4
 
 
 def test_weighted_loss_and_its_gradients():
     model = _model(("a", "v", "t"))                            # three modalities: four outputs
     method = GradientBlending()
     g = torch.Generator().manual_seed(1)
-    batch = ({m: torch.randn(6, 4, generator=g) for m in ("a", "v", "t")}, torch.tensor([0, 1, 2, 2, 1, 0]))
-    method.setup(model, _ctx(model.modalities, train=[batch], val=[batch]))
-    assert model.outputs == ["a", "v", "t", "fused"] and method.weights["t"] == pytest.approx(0.25)
+    batch = Batch({m: torch.randn(6, 4, generator=g) for m in ("a", "v", "t")}, torch.tensor([0, 1, 2, 2, 1, 0]))
+    method.setup(model, _loop_context(method, model, {"train": [batch], "val": [batch]}))
+    assert method.outputs == ["a", "v", "t", "fused"] and method.weights["t"] == pytest.approx(0.25)
     method.weights = {"a": 0.1, "v": 0.0, "t": 0.3, "fused": 0.6}
     xs, y = batch
     ref = copy.deepcopy(model)
-    out = ref(xs)
+    per, fused = ref.outputs(xs)
+    out = {**per, "fused": fused}
     hand = sum(w * F.cross_entropy(out[k], y) for k, w in method.weights.items())
     hand.backward()
-    logs = method.train_step(xs, y)
-    assert logs["loss"] == pytest.approx(hand.item())
-    assert logs["loss_v"] == pytest.approx(F.cross_entropy(out["v"], y).item())
+    logs = method.training_step(batch, make_step())
+    assert float(logs["loss"]) == pytest.approx(hand.item())
+    assert float(logs["loss_v"]) == pytest.approx(F.cross_entropy(out["v"], y).item())
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     assert torch.count_nonzero(model.heads["v"].net[0].weight.grad) == 0        # w_v = 0: v's head learns nothing
+    fused_p, per_p = method.predict(xs)                        # inference: the fused head
+    torch.testing.assert_close(fused_p, F.softmax(ref.outputs(xs)[1], dim=-1))
 
 
 def test_measured_losses_are_sample_means_in_eval_mode():
     model = _model()
     model.encoders["a"] = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.9))       # eval mode: dropout is off
     g = torch.Generator().manual_seed(2)
-    batches = [({m: torch.randn(n, 4, generator=g) for m in ("a", "v")}, torch.arange(n) % K) for n in (5, 2)]
+    batches = [Batch({m: torch.randn(n, 4, generator=g) for m in ("a", "v")}, torch.arange(n) % K) for n in (5, 2)]
+    method = create_method("ogr_gb")
     model.train()
-    got = output_metrics(model, batches)
+    method.setup(model, _loop_context(method, model, {"train": batches, "val": batches[::-1]}))
     assert model.training                                      # mode restored
     model.eval()
     with torch.no_grad():
-        outs = [model(xs) for xs, _ in batches]
+        outs = [model.outputs(xs) for xs, _ in batches]
     ys = torch.cat([y for _, y in batches])
     for k in ("a", "v", "fused"):
-        z = torch.cat([o[k] for o in outs])
-        assert got[k]["loss"] == pytest.approx(F.cross_entropy(z, ys).item(), rel=1e-6)   # Σ CE_i / 7
-        assert got[k]["accuracy"] == pytest.approx((z.argmax(-1) == ys).float().mean().item())
+        z = torch.cat([o[1] if k == "fused" else o[0][k] for o in outs])
+        for split in ("train", "val"):                         # Σ CE_i / 7, whatever the batches' sizes
+            assert method.window_start[split][k] == pytest.approx(F.cross_entropy(z, ys).item(), rel=1e-6)
+
+
+def test_fusion_is_fixed_to_the_fused_head():
+    assert GradientBlending.fusion == "model" and "fusion" not in GradientBlending.params
+    assert "fusion" not in create_method("ogr_gb").hparams()
+    with pytest.raises(MieInputError, match="unknown parameter"):
+        create_method("ogr_gb", fusion="average")
 
 
 def test_invalid_settings_are_refused():
-    with pytest.raises(MieInputError):
-        GradientBlending(blend_every=0)
-    with pytest.raises(MieInputError):
-        GradientBlending(negative_gain="square")
+    with pytest.raises(MieInputError, match="blend_every must be an integer >= 1"):
+        create_method("ogr_gb", blend_every=0)
+    with pytest.raises(MieInputError, match="negative_gain must be one of"):
+        create_method("ogr_gb", negative_gain="square")
+    model = MultiHeadModel({m: nn.Linear(2, 2) for m in ("a", "fused")},
+                           {m: ClassifierHead(2, K, hidden=()) for m in ("a", "fused")}, ClassifierHead(4, K, hidden=()))
     with pytest.raises(MieInputError, match="fused"):
-        MultiHeadModel({"fused": nn.Linear(2, 2)}, {"fused": ClassifierHead(2, K, hidden=())},
-                       ClassifierHead(2, K, hidden=()))
+        create_method("ogr_gb").setup(model, make_context(model.modalities))
+    one = MultiHeadModel({"a": nn.Linear(2, 2)}, {"a": ClassifierHead(2, K, hidden=())}, ClassifierHead(2, K, hidden=()))
+    with pytest.raises(MieInputError, match="unimodal"):
+        create_method("ogr_gb").setup(one, make_context(["a"]))
