@@ -1,7 +1,6 @@
 """MLA (mie.methods.mla): the OWM projection update, its α schedule, that the projection really
 acts on the shared head's weight gradient in a step, entropy fusion, and resume."""
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mie
+from conftest import make_context, make_step
+from mie.methods import Batch, create_method
 from mie.methods.mla import MLA, MLAModel, owm_alpha, owm_update
 from mie.models import ClassifierHead
 
@@ -51,9 +52,7 @@ def _tiny_model():
 
 
 def _ctx(model, lr=0.5, steps=4):
-    return SimpleNamespace(modalities=model.modalities, device=torch.device("cpu"),
-                           make_optimizer=lambda params: torch.optim.SGD(list(params), lr=lr),
-                           train_batches=None, val_batches=None, epochs_per_modality=1, steps_per_epoch=steps)
+    return make_context(model.modalities, lr=lr, epochs_per_modality=1, steps_per_epoch=steps)
 
 
 def _reference_step(ref, m, x, y, P, alpha, lr, normalize, project=True):
@@ -81,7 +80,6 @@ def test_train_step_projects_head_weight_gradient(normalize):
     method = MLA(normalize=normalize)
     method.setup(model, _ctx(model))
     method.start_epoch(0)
-    method.batch_index = 2                      # third of N = 4 batches: α = 0.1^1.5
     torch.manual_seed(1)
     xs = {"a": 0.3 * torch.randn(6, 3), "b": 0.3 * torch.randn(6, 4)}
     y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -91,8 +89,9 @@ def test_train_step_projects_head_weight_gradient(normalize):
     for m in ("a", "b"):                        # the modalities in turn, each its own step
         P = _reference_step(ref, m, xs[m], y, P, 0.1 ** 1.5, 0.5, normalize)
 
-    logs = method.train_step(xs, y)
-    assert set(logs) == {"loss_a", "loss_b"}
+    logs = method.training_step(Batch(xs, y), make_step(0, 2, 4))   # third of N = 4 batches: α = 0.1^1.5
+    assert set(logs) == {"loss_a", "loss_b", "mla_alpha_mean"}
+    assert logs["mla_alpha_mean"] == pytest.approx(0.1 ** 1.5)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     assert torch.allclose(method.P[0].double(), P, atol=1e-6)
@@ -112,7 +111,8 @@ def test_each_head_linear_gets_its_own_projection():
     method.setup(model, _ctx(model))
     method.start_epoch(0)
     assert [tuple(P.shape) for P in method.P] == [(4, 4), (5, 5)]
-    method.train_step({"a": torch.randn(8, 3), "b": torch.randn(8, 3)}, torch.randint(0, 3, (8,)))
+    method.training_step(Batch({"a": torch.randn(8, 3), "b": torch.randn(8, 3)}, torch.randint(0, 3, (8,))),
+                         make_step())
     for P, d in zip(method.P, (4, 5)):
         assert not torch.allclose(P, torch.eye(d) / np.sqrt(d))   # both were updated
 
@@ -135,8 +135,13 @@ def test_predict_weight_fusion_per_sample_by_hand():
 
 
 def test_rejects_bad_setup():
-    with pytest.raises(mie.MieInputError):
-        MLA(fusion="max")
+    with pytest.raises(mie.MieInputError, match="fusion must be one of 'average', 'weight'"):
+        create_method("mla", fusion="max")
+    with pytest.raises(mie.MieInputError, match="normalize must be true or false"):
+        create_method("mla", normalize=1)
+    two = MLAModel({"a": nn.Linear(3, 2), "b": nn.Linear(4, 2)}, ClassifierHead(2, 3, hidden=()))
+    with pytest.raises(mie.MieInputError, match="must list each modality once"):
+        MLA(order=["a", "c"]).setup(two, _ctx(two))
     model = MLAModel({"a": nn.Linear(3, 2)}, ClassifierHead(2, 3, hidden=()))
     with pytest.raises(mie.MieInputError):
         MLA().setup(model, _ctx(model))

@@ -126,7 +126,9 @@ def test_weighted_loss_and_its_gradients():
         torch.testing.assert_close(p.grad, q.grad)
     assert torch.count_nonzero(model.heads["v"].net[0].weight.grad) == 0        # w_v = 0: v's head learns nothing
     fused_p, per_p = method.predict(xs)                        # inference: the fused head
-    torch.testing.assert_close(fused_p, F.softmax(ref.outputs(xs)[1], dim=-1))
+    with torch.no_grad():
+        torch.testing.assert_close(fused_p, F.softmax(model.outputs(xs)[1], dim=-1))
+        torch.testing.assert_close(per_p["t"], F.softmax(model.outputs(xs)[0]["t"], dim=-1))
 
 
 def test_measured_losses_are_sample_means_in_eval_mode():

@@ -23,7 +23,8 @@ turn, m = 1, …, M (the same order every batch), each with its own forward/back
 with P = I (d_in × d_in) at the start, ONE P per head Linear shared by all modalities and kept
 for the whole run (never reset between epochs), and the step size
 
-    α = 0.1^(1 + b/N),   b = index of the mini-batch within the epoch (0-based), N = batches per epoch
+    α = 0.1^(1 + b/N),   b = index of the mini-batch within the epoch (0-based, ``step.index``),
+                         N = batches per epoch (``step.steps_per_epoch``)
 
 so α falls from 0.1 to ~0.01 over each epoch and starts again at 0.1 the next epoch. P is updated
 with the CURRENT modality's r before its gradient is projected (the released code's order), so
@@ -58,26 +59,19 @@ P — and fuses with the same entropy weights over M predictions; ``mie`` does t
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import MieInputError
-from ..models import ClassifierHead, build_encoders
-from ..models.fusion import FUSIONS
-from contextlib import nullcontext as full_precision
-from .base import Method, require_two_modalities
+from ..models import LATE_FUSIONS, ClassifierHead, MultimodalModel, build_encoders
+from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
+from .params import Param, boolean, modality_list
 
 
-class MLAModel(nn.Module):
+class MLAModel(MultimodalModel):
     """One encoder per modality and ONE head shared by all: ``forward({m: x_m})`` → {m: h(φ_m(x_m))}."""
 
     def __init__(self, encoders, head):
-        super().__init__()
-        self.encoders = nn.ModuleDict(encoders)
+        super().__init__(encoders)
         self.head = head
-
-    @property
-    def modalities(self):
-        return list(self.encoders)
 
     def modality_parameters(self, m):
         """The parameters modality m's step touches: φ_m and the shared head."""
@@ -143,16 +137,13 @@ class _LayerInputs:
         self._handles = []
 
 
-class MLA(Method):
+class MLA(SingleOptimizerMethod):
     name = "mla"
-
-    def __init__(self, normalize=True, order=None, fusion="weight"):
-        super().__init__(fusion=fusion)
-        if fusion not in FUSIONS:
-            raise MieInputError(f"unknown fusion '{fusion}' for MLA; expected one of {FUSIONS}")
-        self.normalize = bool(normalize)
-        self.order = list(order) if order else None
-        self.batch_index = 0
+    params = {
+        "normalize": Param(True, boolean, "divide P by its Frobenius norm after each update (released code)"),
+        "order": Param(None, modality_list, "the order modalities are trained in on each batch (default: the data's)"),
+        "fusion": fusion_param("weight", LATE_FUSIONS),
+    }
 
     # ---- set-up -----------------------------------------------------------------------
     def build_model(self, spec):
@@ -160,71 +151,53 @@ class MLA(Method):
         return MLAModel.build(spec)
 
     def setup(self, model, ctx):
-        super().setup(model, ctx)
-        if not isinstance(model, MLAModel):
-            raise MieInputError("MLA trains an MLAModel (one head for all modalities); "
-                                f"got {type(model).__name__}")
         require_two_modalities(model, self.name)
-        order = self.order or list(model.modalities)
+        order = list(self.order or model.modalities)
         if sorted(order) != sorted(model.modalities):
             raise MieInputError(f"method.order {order} must list each modality once: {model.modalities}")
         self.cycle = order
         # One optimizer; zero_grad(set_to_none) leaves the other encoders without gradients, so each
         # modality step updates exactly φ_m and the shared head.
-        self.optimizer = ctx.make_optimizer(model.parameters())
+        super().setup(model, ctx)
         self.linears = model.head.linears
         self.P = [torch.eye(l.in_features, device=l.weight.device, dtype=torch.float32) for l in self.linears]
-        self.batches_per_epoch = ctx.steps_per_epoch
 
     # ---- training ---------------------------------------------------------------------
-    def start_epoch(self, epoch):
-        self.batch_index = 0
-        self._alphas = []
-
-    def alpha(self):
-        """α for the current mini-batch of the epoch."""
-        return owm_alpha(self.batch_index, self.batches_per_epoch)
-
-    def train_step(self, xs, y):
-        logs = {f"loss_{m}": self._step(m, xs[m], y) for m in self.cycle}
-        self._alphas.append(self.alpha())
-        self.batch_index += 1
+    def training_step(self, batch, step):
+        xs, y = batch
+        alpha = owm_alpha(step.index, step.steps_per_epoch)
+        logs = {f"loss_{m}": self._step(m, xs[m], y, alpha) for m in self.cycle}
+        logs["mla_alpha_mean"] = alpha          # the epoch's row holds its mean
         return logs
 
-    def _step(self, m, x, y):
+    def _step(self, m, x, y, alpha):
         """One update of φ_m and the shared head on modality m's CE, head gradients projected."""
         self.optimizer.zero_grad(set_to_none=True)
         with _LayerInputs(self.linears) as rec:
             loss = F.cross_entropy(self.model.forward_modality(m, x), y)
         loss.backward()
-        alpha = self.alpha()
-        with full_precision():
-            for i, layer in enumerate(self.linears):
-                r = _global_mean(rec.inputs[i].reshape(-1, layer.in_features).float())
-                self.P[i] = owm_update(self.P[i], r, alpha, self.normalize)
-                if layer.weight.grad is not None:
-                    layer.weight.grad = layer.weight.grad @ self.P[i].T.to(layer.weight.grad.dtype)
+        for i, layer in enumerate(self.linears):
+            r = _global_mean(rec.inputs[i].reshape(-1, layer.in_features).float())
+            self.P[i] = owm_update(self.P[i], r, alpha, self.normalize)
+            if layer.weight.grad is not None:
+                layer.weight.grad = layer.weight.grad @ self.P[i].T.to(layer.weight.grad.dtype)
         self.optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     def end_epoch(self, epoch):
-        logs = {}
-        if self._alphas:
-            logs["mla_alpha_mean"] = sum(self._alphas) / len(self._alphas)
         # How anisotropic the projections have become: λ_min/λ_max of each P (1 while P ∝ I; → 0 as
         # the directions of the modalities' mean features get damped), mean over the head's layers.
         ratios = []
         for P in self.P:
             lam = torch.linalg.eigvalsh((P + P.T).double() / 2)
             ratios.append(float(lam[0] / lam[-1]) if lam[-1] > 0 else 0.0)
-        logs["mla_P_min_over_max_eig"] = sum(ratios) / len(ratios)
-        return logs
+        return {"mla_P_min_over_max_eig": sum(ratios) / len(ratios)}
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "P": [P.detach().clone() for P in self.P]}
+        return {**super().state_dict(), "P": [P.detach().clone() for P in self.P]}
 
     def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.P = [P.to(device=l.weight.device, dtype=torch.float32)
                   for P, l in zip(state["P"], self.linears)]
