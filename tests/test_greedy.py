@@ -1,8 +1,8 @@
 """Greedy (mie.methods.greedy) against hand computations: the conditional learning speed from the
 gradients, the conditional utilisation rate from the loop's metrics (fused ŷ, per modality the
-uni-modal DNN), the
-re-balancing trigger at the threshold α, the re-balancing step touching only the slower branch,
-the warm-up, three modalities, and a crash-and-resume run through the real loop."""
+uni-modal DNN), the fusion rules, the re-balancing trigger at the threshold α, the re-balancing
+step touching only the slower branch, the warm-up, and three modalities through the real loop
+(resume: tests/test_resume.py)."""
 import math
 
 import numpy as np

@@ -1,0 +1,51 @@
+"""Behaviour pinned: every registered method, trained on UCI mfeat (pix + zer) for 3 epochs per
+modality with one torch thread and dropout off, reproduces the history.csv rows and test metrics
+recorded in tests/golden/histories.json (``scripts/golden_histories.py`` wrote them; re-record
+only for a deliberate change of behaviour, and say which in the commit).
+
+The recording was made after the method interface was redesigned and matches the recording of the
+code before it in every value, except: ``mie_released`` (evaluation passes no longer draw from
+torch's global random state, which the mixup draws use) and ``greedy`` (the columns that repeated
+the loop's validation accuracies, and the branch accuracies that needed a pass of their own, are
+no longer logged)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = json.loads((ROOT / "tests" / "golden" / "histories.json").read_text())
+spec = importlib.util.spec_from_file_location("golden_histories", ROOT / "scripts" / "golden_histories.py")
+golden_histories = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(golden_histories)
+
+
+def _same(a, b):
+    if isinstance(a, float) or isinstance(b, float):
+        return (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9))
+    return a == b
+
+
+def _differences(expected, got, where=""):
+    if isinstance(expected, dict) and isinstance(got, dict):
+        out = [f"{where}: columns {sorted(set(expected) ^ set(got))}"] if set(expected) != set(got) else []
+        return out + [d for k in expected if k in got for d in _differences(expected[k], got[k], f"{where}.{k}")]
+    if isinstance(expected, list) and isinstance(got, list):
+        out = [f"{where}: {len(expected)} rows, got {len(got)}"] if len(expected) != len(got) else []
+        return out + [d for i, (e, g) in enumerate(zip(expected, got)) for d in _differences(e, g, f"{where}[{i}]")]
+    return [] if _same(expected, got) else [f"{where}: {expected!r} → {got!r}"]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_method_reproduces_its_recorded_history(name):
+    got = json.loads(json.dumps(golden_histories.golden(name)))
+    differences = _differences(GOLDEN[name], got, name)
+    assert not differences, "\n".join(differences[:20])
+
+
+def test_every_registered_method_is_recorded():
+    from mie.methods import METHODS
+    assert sorted(GOLDEN) == sorted(METHODS)
