@@ -61,7 +61,8 @@ def _model(mods=("a", "v")):
 def _metrics(losses):
     """A metrics dict whose losses are {k: L_k} (the fused prediction's as "loss")."""
     return {"accuracy": 0.0, "loss": losses["fused"],
-            "per_modality": {m: {"loss": v, "accuracy": 0.0, "macro_f1": 0.0} for m, v in losses.items() if m != "fused"}}
+            "per_modality": {m: {"loss": v, "accuracy": 0.0, "macro_f1": 0.0}
+                             for m, v in losses.items() if m != "fused"}}
 
 
 def _loop_context(method, model, splits):
@@ -162,10 +163,12 @@ def test_invalid_settings_are_refused():
         create_method("ogr_gb", blend_every=0)
     with pytest.raises(MieInputError, match="negative_gain must be one of"):
         create_method("ogr_gb", negative_gain="square")
-    model = MultiHeadModel({m: nn.Linear(2, 2) for m in ("a", "fused")},
-                           {m: ClassifierHead(2, K, hidden=()) for m in ("a", "fused")}, ClassifierHead(4, K, hidden=()))
+    mods = ("a", "fused")
+    model = MultiHeadModel({m: nn.Linear(2, 2) for m in mods}, {m: ClassifierHead(2, K, hidden=()) for m in mods},
+                           ClassifierHead(4, K, hidden=()))
     with pytest.raises(MieInputError, match="fused"):
         create_method("ogr_gb").setup(model, make_context(model.modalities))
-    one = MultiHeadModel({"a": nn.Linear(2, 2)}, {"a": ClassifierHead(2, K, hidden=())}, ClassifierHead(2, K, hidden=()))
+    one = MultiHeadModel({"a": nn.Linear(2, 2)}, {"a": ClassifierHead(2, K, hidden=())},
+                         ClassifierHead(2, K, hidden=()))
     with pytest.raises(MieInputError, match="unimodal"):
         create_method("ogr_gb").setup(one, make_context(["a"]))

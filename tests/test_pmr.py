@@ -1,6 +1,7 @@
 """PMR (mie.methods.pmr): prototypes are class means (then a momentum average), prototypical logits
 are minus Euclidean distances, the ρ → β/γ coefficients by hand, the step's loss and gradient by
-hand, the two-modality restriction, and resume."""
+hand, the modulation window and PER epochs, parameter checks and the default prediction, the
+two-modality restriction, and resume."""
 import copy
 
 import numpy as np

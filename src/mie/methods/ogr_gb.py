@@ -97,7 +97,8 @@ class GradientBlending(SingleOptimizerMethod):
     name = "ogr_gb"
     params = {
         "blend_every": Param(10, number(at_least=1, integer=True), "n: epochs per window between re-estimates"),
-        "negative_gain": Param("zero", one_of(*NEGATIVE_GAIN), "a negative ΔG_k: zero (clip) | abs (BalanceBenchmark)"),
+        "negative_gain": Param("zero", one_of(*NEGATIVE_GAIN),
+                               "a negative ΔG_k: zero (clip) | abs (BalanceBenchmark)"),
     }
     fusion = "model"        # metrics["loss"] is the fused head's loss L_fused only under this rule
 

@@ -15,6 +15,7 @@ from .head import ClassifierHead
 from .multimodal import LateFusionModel, modality_heads
 
 FEATURE_FUSIONS = ("concat", "mean", "max")
+FUSED = "fused"           # the fused head's name in logs and blend weights
 
 
 class MultiHeadModel(LateFusionModel):
@@ -22,6 +23,8 @@ class MultiHeadModel(LateFusionModel):
 
     def __init__(self, encoders, heads, fused_head, feature_fusion="concat"):
         super().__init__(encoders, heads)
+        if FUSED in encoders:
+            raise MieInputError(f"a modality may not be called '{FUSED}': the name is taken by the fused head")
         if feature_fusion not in FEATURE_FUSIONS:
             raise MieInputError(f"unknown feature_fusion '{feature_fusion}'; expected one of {FEATURE_FUSIONS}")
         self.fused_head = fused_head
