@@ -163,12 +163,15 @@ def test_invalid_settings_are_refused():
         create_method("ogr_gb", blend_every=0)
     with pytest.raises(MieInputError, match="negative_gain must be one of"):
         create_method("ogr_gb", negative_gain="square")
-    mods = ("a", "fused")
-    model = MultiHeadModel({m: nn.Linear(2, 2) for m in mods}, {m: ClassifierHead(2, K, hidden=()) for m in mods},
-                           ClassifierHead(4, K, hidden=()))
-    with pytest.raises(MieInputError, match="fused"):
-        create_method("ogr_gb").setup(model, make_context(model.modalities))
     one = MultiHeadModel({"a": nn.Linear(2, 2)}, {"a": ClassifierHead(2, K, hidden=())},
                          ClassifierHead(2, K, hidden=()))
     with pytest.raises(MieInputError, match="unimodal"):
         create_method("ogr_gb").setup(one, make_context(["a"]))
+
+
+def test_a_modality_may_not_take_the_fused_heads_name():
+    from mie.methods import create_method
+    from mie.models import ModelSpec
+    spec = ModelSpec(["a", "fused"], {"a": (3,), "fused": (3,)}, {"a": "mlp", "fused": "mlp"}, 2, 4, (4,))
+    with pytest.raises(MieInputError, match="may not be called 'fused'"):
+        create_method("ogr_gb").build_model(spec)

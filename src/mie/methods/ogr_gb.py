@@ -53,14 +53,13 @@ import math
 
 import torch.nn.functional as F
 
-from ..errors import MieInputError
 from ..models import MultiHeadModel
+from ..models.multi_head import FUSED
 from .base import SingleOptimizerMethod, require_two_modalities
 from .params import Param, number, one_of
 
 NEGATIVE_GAIN = ("zero", "abs")
 EPS = 1e-12
-FUSED = "fused"
 
 
 def overfitting_generalization(start, end):
@@ -108,9 +107,6 @@ class GradientBlending(SingleOptimizerMethod):
 
     def setup(self, model, ctx):
         require_two_modalities(model, self.name)
-        if FUSED in model.modalities:
-            raise MieInputError(f"method '{self.name}': a modality may not be called '{FUSED}': the name is taken "
-                                f"by the fused head")
         super().setup(model, ctx)
         self.outputs = model.modalities + [FUSED]
         self.weights = {k: 1.0 / len(self.outputs) for k in self.outputs}
