@@ -103,8 +103,10 @@ def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0, se
 
 
 def to_device(batch, device, modalities):
-    xs, y = batch
-    return Batch({m: xs[m].to(device, non_blocking=True) for m in modalities}, y.to(device, non_blocking=True))
+    xs, y, *extras = batch
+    extras = {k: v.to(device, non_blocking=True) for k, v in extras[0].items()} if extras else {}
+    return Batch({m: xs[m].to(device, non_blocking=True) for m in modalities}, y.to(device, non_blocking=True),
+                 extras)
 
 
 @torch.no_grad()
@@ -224,6 +226,7 @@ class Run:
         self.generator = torch.Generator().manual_seed(t["seed"])
         bs, workers = t["batch_size"], t["num_workers"]
         self.train_loader = loader(prepared.datasets["train"], bs, True, self.generator, workers, t["seed"])
+        self.epoch_loader = lambda data: loader(data, bs, True, self.generator, workers, t["seed"])
         self.eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
         self.optimizers = Optimizers(t)
         self.model_version, self._evaluated = 0, {}
@@ -231,8 +234,8 @@ class Run:
                            t["epochs"], len(self.train_loader))
         self.method.setup(self.model, ctx)
         self.num_epochs = self.method.num_epochs(t["epochs"])
-        self.state = {"epoch": 0, "best_score": -math.inf, "best_epoch": -1, "history": [], "seconds": 0.0,
-                      "best_val": None}
+        self.state = {"epoch": 0, "steps": 0, "best_score": -math.inf, "best_epoch": -1, "history": [],
+                      "seconds": 0.0, "best_val": None}
         self.best_model = None
         self.writer = None
 
@@ -292,12 +295,15 @@ class Run:
         method.start_epoch(epoch)
         factor = schedule_factor(t, method.schedule_epoch(epoch))
         self.optimizers.apply(factor, method)
-        if isinstance(self.train_loader.sampler, DistributedSampler):
-            self.train_loader.sampler.set_epoch(epoch)
-        logs, n = EpochLogs(), len(self.train_loader)
-        for index, batch in enumerate(self.train_loader):
-            step = Step(epoch, index, n, epoch * n + index)
+        data = method.training_data(epoch, self.prepared.datasets["train"])
+        batches = self.train_loader if data is self.prepared.datasets["train"] else self.epoch_loader(data)
+        if isinstance(batches.sampler, DistributedSampler):
+            batches.sampler.set_epoch(epoch)
+        logs, n = EpochLogs(), len(batches)
+        for index, batch in enumerate(batches):
+            step = Step(epoch, index, n, self.state["steps"])
             logs.add(method.training_step(to_device(batch, self.device, self.modalities), step))
+            self.state["steps"] += 1
             self.model_changed()
         row = {"epoch": epoch + 1, **logs.means()}
         if t["lr_step"]:

@@ -7,6 +7,7 @@ precision and learning-rate schedules, and calls a method through these hooks on
     method.setup(model, ctx)                           # optimizers (ctx.make_optimizer), state
     for epoch in range(method.num_epochs(E)):          # E = epoch budget per modality
         method.start_epoch(epoch)
+        data = method.training_data(epoch, train_set)  # the set this epoch draws from (SMV rebuilds it)
         for each batch: logs = method.training_step(batch, step)   # passes, gradient edits, steps
         logs = method.end_epoch(epoch)                 # state between epochs (MIE's T, prototypes)
         metrics = validation of method.predict         # the loop's own pass, in eval mode
@@ -45,9 +46,23 @@ class Step(NamedTuple):
     global_step: int        # steps since the start of the run, 0-based
 
 
-class Batch(NamedTuple):
-    inputs: dict            # {modality: (B, ...)} on the run's device
-    labels: torch.Tensor    # (B,) int64
+class Batch(tuple):
+    """A mini-batch that unpacks as ``xs, y = batch``: ``inputs`` {modality: (B, ...)} and ``labels``
+    (B,) on the run's device, and ``extras`` {name: (B, ...)}: per-sample tensors carried by the
+    items of a method's ``training_data`` set (empty otherwise)."""
+
+    def __new__(cls, inputs, labels, extras=None):
+        batch = super().__new__(cls, (inputs, labels))
+        batch.extras = extras or {}
+        return batch
+
+    @property
+    def inputs(self):
+        return self[0]
+
+    @property
+    def labels(self):
+        return self[1]
 
 
 def fusion_param(default="average", rules=LATE_FUSIONS):
@@ -120,6 +135,12 @@ class Method:
     # ---- training ---------------------------------------------------------------------
     def start_epoch(self, epoch):
         """Called before each epoch's first step."""
+
+    def training_data(self, epoch, dataset):
+        """The Dataset epoch ``epoch``'s shuffled batches are drawn from (default: the training split
+        ``dataset`` itself). Items are (inputs, label) or (inputs, label, extras) with extras a dict
+        of per-sample tensors, which reach ``training_step`` as ``batch.extras``."""
+        return dataset
 
     def training_step(self, batch, step):
         """One optimisation step on ``batch`` (a ``Batch``) at ``step`` (a ``Step``). Returns scalars
