@@ -195,9 +195,10 @@ def cmd_prepare(args):
 
 def cmd_methods(args):
     from .methods import METHODS, method_params
-    for name, (_, fixed, description) in METHODS.items():
-        params = ", ".join(f"{k}={v}" for k, v in method_params(name).items())
-        print(f"{name:<14} {description}\n{'':<14} parameters: {params or '(none)'}")
+    for name, (cls, fixed, description) in METHODS.items():
+        print(f"{name:<14} {description}")
+        for key, default in method_params(name).items():
+            print(f"{'':<16}{key}={default}  {cls.params[key].help}".rstrip())
 
 
 def cmd_datasets(args):
@@ -256,6 +257,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("mie: interrupted; `mie train ... --resume` continues a run from its last epoch", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # e.g. `mie methods | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
     except OSError as e:
         if os.environ.get("MIE_DEBUG"):
             raise

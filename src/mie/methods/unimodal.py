@@ -23,6 +23,8 @@ def _check_one(name, modalities):
 
 class Unimodal(SingleOptimizerMethod):
     name = "unimodal"
+    params = {}
+    fusion = "average"          # of one modality: its own prediction
 
     def build_model(self, spec):
         _check_one(self.name, list(spec.modalities))
