@@ -7,10 +7,10 @@ baselines it is measured against.
     result["test"]["accuracy"], result["test"]["per_modality"]["pix"]["accuracy"]
 """
 from .data import DATASETS, MultimodalArrays, load_dataset, load_npz
-from .errors import MieInputError
+from .errors import MieError, MieInputError, TrainingDivergedError
 from .methods import METHODS, Method, create_method
 from .train import fit
 
 __version__ = "0.1.0"
 __all__ = ["fit", "load_dataset", "load_npz", "MultimodalArrays", "create_method", "Method",
-           "METHODS", "DATASETS", "MieInputError"]
+           "METHODS", "DATASETS", "MieError", "MieInputError", "TrainingDivergedError"]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import config as config_mod
 from . import distributed
-from .data.prepare import prepare_run
+from .data import prepare_run
 from .errors import MieInputError, TrainingDivergedError
 from .io import atomic_path, csv_text, read_torch, save_torch, write_json, write_text
 from .methods import Batch, Step, create_method

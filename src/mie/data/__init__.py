@@ -8,6 +8,7 @@ from .disk import DiskBenchmark, call_with_options
 from .kinetics_sounds import BENCHMARK as KINETICS_SOUNDS
 from .mfeat import load_mfeat
 from .nvgesture import BENCHMARK as NVGESTURE
+from .prepare import PreparedData, prepare_run
 from .sarcasm import BENCHMARK as SARCASM
 from .splits import resolve_split, stratified_split
 from .torch_dataset import ArrayDataset
@@ -41,5 +42,5 @@ def load_dataset(name, modalities=None):
 
 
 __all__ = ["MultimodalArrays", "load_npz", "load_dataset", "DATASETS", "DISK_DATASETS", "DiskBenchmark",
-           "disk_benchmark", "call_with_options", "resolve_split", "stratified_split", "ArrayDataset",
+           "disk_benchmark", "call_with_options", "prepare_run", "PreparedData", "resolve_split", "stratified_split", "ArrayDataset",
            "TRAIN", "VAL", "TEST"]
