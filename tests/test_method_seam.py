@@ -122,3 +122,5 @@ def test_evaluate_is_cached_until_the_model_changes():
     assert run.evaluate("train") is first
     run.model_changed()
     assert run.evaluate("train") is not first and run.evaluate("train") == first   # recomputed, same model
+    with pytest.raises(ValueError, match="test is read once"):
+        run.method.ctx.evaluate("test")

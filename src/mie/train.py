@@ -38,7 +38,7 @@ class TrainContext:
     device: torch.device
     make_optimizer: callable     # (params or param groups, lr=None) → torch.optim.Optimizer from train.*
     train_batches: callable      # () → iterator over unshuffled training ``Batch``es on device
-    evaluate: callable           # split → the metrics dict of the model as it is now (cached)
+    evaluate: callable           # "train" | "val" → the metrics dict of the model as it is now (cached)
     epochs_per_modality: int
     steps_per_epoch: int
 
@@ -230,7 +230,7 @@ class Run:
         self.eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
         self.optimizers = Optimizers(t)
         self.model_version, self._evaluated = 0, {}
-        ctx = TrainContext(self.modalities, device, self.optimizers.make, self.train_batches, self.evaluate,
+        ctx = TrainContext(self.modalities, device, self.optimizers.make, self.train_batches, self.evaluate_for_method,
                            t["epochs"], len(self.train_loader))
         self.method.setup(self.model, ctx)
         self.num_epochs = self.method.num_epochs(t["epochs"])
@@ -251,6 +251,12 @@ class Run:
                                                       self.modalities))
             self._evaluated[split] = cached = (self.model_version, metrics)
         return cached[1]
+
+    def evaluate_for_method(self, split):
+        """``evaluate`` of train or val: a method never sees the test split, which is read once, at the end."""
+        if split not in ("train", "val"):
+            raise ValueError(f"a method may evaluate 'train' or 'val', not {split!r}: test is read once, at the end")
+        return self.evaluate(split)
 
     def model_changed(self):
         self.model_version += 1
