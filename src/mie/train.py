@@ -10,6 +10,7 @@
     run.test()                                           the checkpoint validation chose, read once
 """
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class Optimizers:
     def __init__(self, train):
         self.train = train
         self.built = []          # (optimizer, initial lr of each group)
+        self.steps = 0           # optimizer steps taken, all optimizers together
 
     def make(self, params, lr=None):
         t = self.train
@@ -74,8 +76,12 @@ class Optimizers:
             optimizer = cls(params, lr=lr, betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
         if distributed.world_size() > 1:
             distributed.average_gradients_before_step(optimizer)
+        optimizer.register_step_post_hook(self._count)
         self.built.append((optimizer, [g["lr"] for g in optimizer.param_groups]))
         return optimizer
+
+    def _count(self, optimizer, args, kwargs):
+        self.steps += 1
 
     def apply(self, factor, method):
         for optimizer, initial in self.built:
@@ -235,7 +241,9 @@ class Run:
         self.method.setup(self.model, ctx)
         self.num_epochs = self.method.num_epochs(t["epochs"])
         self.state = {"epoch": 0, "steps": 0, "best_score": -math.inf, "best_epoch": -1, "history": [],
-                      "seconds": 0.0, "best_val": None}
+                      "seconds": 0.0, "best_val": None, "optimizer_steps": 0,
+                      "modality_epochs": {m: 0 for m in self.modalities}}
+        self.notices = [f"{self.method.name}: {n}" for n in self.method.notices()]
         self.best_model = None
         self.writer = None
 
@@ -278,6 +286,7 @@ class Run:
             self.generator.set_state(ckpt["generator"])
             torch.set_rng_state(ckpt["torch_rng"])
             self.state = ckpt["loop"]
+            self.optimizers.steps = self.state["optimizer_steps"]
             self.best_model = read_torch(self.out / "checkpoints" / "best.pt", "cpu", "the run's best checkpoint")["model"]
         if self.main:
             write_text(self.out / "config.yaml", config_mod.dump(self.cfg))
@@ -287,6 +296,9 @@ class Run:
             self.writer = _tensorboard(self.out, self.state["epoch"])
 
     def epochs(self, progress):
+        if self.main:
+            for notice in self.notices:
+                tqdm.write(f"mie: note: {notice}", file=sys.stderr)
         start = self.state["epoch"]
         self.bar = tqdm(range(start, self.num_epochs), initial=start, total=self.num_epochs,
                         desc=f"{self.method.name} seed {self.train_cfg['seed']}", leave=False,
@@ -311,6 +323,9 @@ class Run:
             logs.add(method.training_step(to_device(batch, self.device, self.modalities), step))
             self.state["steps"] += 1
             self.model_changed()
+        for m in method.trained_modalities(epoch):
+            self.state["modality_epochs"][m] += 1
+        self.state["optimizer_steps"] = self.optimizers.steps
         row = {"epoch": epoch + 1, **logs.means()}
         if t["lr_step"]:
             row["lr_factor"] = factor
@@ -369,6 +384,9 @@ class Run:
                   "split": {"how": self.prepared.split_how,
                             "sizes": {k: len(d) for k, d in self.prepared.datasets.items()}},
                   "epochs_per_modality": t["epochs"], "loop_epochs": self.num_epochs,
+                  "budget": {"modality_epochs": dict(s["modality_epochs"]), "optimizer_steps": s["optimizer_steps"],
+                             "stops_early": self.method.stops_early},
+                  "notices": self.notices,
                   "best_epoch": s["best_epoch"], "select_on": t["select_on"],
                   "val": s["best_val"], "test": test, "seconds": round(s["seconds"], 3),
                   "device": str(self.device), "processes": distributed.world_size()}

@@ -87,6 +87,7 @@ class Method:
 
     name = "base"
     params = {"fusion": fusion_param()}
+    stops_early = False     # True when the method may end a modality's training before the budget (MSES)
 
     def __init__(self, **values):
         unknown = sorted(set(values) - set(self.params))
@@ -123,6 +124,16 @@ class Method:
     def num_epochs(self, epochs_per_modality):
         """Loop epochs that give every modality ``epochs_per_modality`` epochs of updates."""
         return epochs_per_modality
+
+    def trained_modalities(self, epoch):
+        """The modalities that receive updates in loop epoch ``epoch`` (the loop counts each
+        modality's epochs of updates: the budget a comparison must hold equal)."""
+        return list(self.model.modalities)
+
+    def notices(self):
+        """One-line remarks about how this run will train that a reader of its results must know
+        (e.g. a rule that never acts within the budget); shown at the start and kept in metrics.json."""
+        return []
 
     def schedule_epoch(self, epoch):
         """The epoch count the learning-rate schedule (train.lr_step) reads at loop epoch ``epoch``."""
