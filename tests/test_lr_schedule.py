@@ -40,14 +40,22 @@ def test_joint_steps_down_every_lr_step_epochs(tmp_path):
     assert state["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)
 
 
-def test_mie_stages_of_their_own_lengths_restart_the_schedule(tmp_path):
+def test_mie_stages_of_their_own_lengths_keep_the_budget_and_each_modalitys_schedule(tmp_path):
     x, y = make_arrays(n=60)
     mie.fit(mie.MultimodalArrays(x, y), "mie", config=CONFIG, out_dir=tmp_path, progress=False,
             epochs_per_stage={"a": 1, "b": 3}, order=["b", "a"])
     rows = _history(tmp_path)
-    # every modality gets at least 4 epochs: ⌈4 / 1⌉ = 4 cycles of b b b a
-    assert [r["active"] for r in rows] == ["b", "b", "b", "a"] * 4
-    assert [float(r["lr_factor"]) for r in rows[:4]] == [1.0, 1.0, 0.5, 1.0]   # epoch within the stage
+    # exactly 4 epochs each: b b b a, then b's last epoch, then a alone
+    assert [r["active"] for r in rows] == ["b", "b", "b", "a", "b", "a", "a", "a"]
+    # lr_step 2 counts each modality's own epochs: b 0 1 2 · a 0 · b 3 · a 1 2 3
+    assert [float(r["lr_factor"]) for r in rows] == [1.0, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 0.5]
+
+
+def test_mie_can_restart_the_schedule_every_stage_as_the_authors_code(tmp_path):
+    x, y = make_arrays(n=60)
+    mie.fit(mie.MultimodalArrays(x, y), "mie", config=CONFIG, out_dir=tmp_path, progress=False,
+            epochs_per_stage={"a": 1, "b": 3}, order=["b", "a"], schedule="stage")
+    assert [float(r["lr_factor"]) for r in _history(tmp_path)] == [1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def test_stage_lengths_must_name_every_modality():

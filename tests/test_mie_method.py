@@ -138,6 +138,7 @@ def _check_step(model, method, epoch, j, k, sam, batch):
 
 def test_stage_order_three_modalities():
     _, method = _setup(epochs_per_stage=2)
+    assert method.num_epochs(4) == 12
     got = [method.stage(e) for e in range(12)]
     expected_j = ["a", "a", "b", "b", "c", "c"] * 2
     expected_k = ["c", "c", "a", "a", "b", "b"] * 2
@@ -148,6 +149,7 @@ def test_stage_order_three_modalities():
 
 def test_stage_custom_order():
     _, method = _setup(epochs_per_stage=1, order=["c", "a", "b"])
+    assert method.num_epochs(2) == 6
     got = [method.stage(e)[:2] for e in range(6)]
     assert got == [("c", "b"), ("a", "c"), ("b", "a")] * 2
     assert all(method.stage(e)[2] for e in range(6))
@@ -165,10 +167,27 @@ def test_num_epochs():
     assert stage2.num_epochs(4) == 12
     assert stage2.num_epochs(6) == 18
     assert iteration.num_epochs(5) == 5
-    # whatever E, the loop gives every modality the same number of epochs, at least E
+    # whatever E, every modality gets exactly E epochs: the last stage is cut short
     for E in (1, 3, 5):
         counts = Counter(stage2.stage(e)[0] for e in range(stage2.num_epochs(E)))
-        assert set(counts) == set(MODS) and len(set(counts.values())) == 1 and counts["a"] >= E
+        assert counts == {m: E for m in MODS}
+    assert [stage2.stage(e)[0] for e in range(stage2.num_epochs(3))] == list("aabbccabc")
+    assert [stage2.stage(e)[2] for e in range(9)] == [False, True] * 3 + [True] * 3
+
+
+def test_uneven_stages_give_every_modality_exactly_the_budget():
+    """{a: 1, b: 3, c: 2} with E = 4: b's second stage is cut to 1 epoch, a runs alone at the end."""
+    _, method = _setup(epochs_per_stage={"a": 1, "b": 3, "c": 2})
+    n = method.num_epochs(4)
+    plan = [method.stage(e)[0] for e in range(n)]
+    assert plan == list("abbbcc" + "abcc" + "a" + "a")
+    assert Counter(plan) == {"a": 4, "b": 4, "c": 4}
+    assert [method.trained_modalities(e) for e in range(n)] == [[m] for m in plan]
+    # the step schedule reads each modality's own count of trained epochs (or the stage's, on request)
+    assert [method.schedule_epoch(e) for e in range(n)] == [0, 0, 1, 2, 0, 1, 1, 3, 2, 3, 2, 3]
+    _, restart = _setup(epochs_per_stage={"a": 1, "b": 3, "c": 2}, schedule="stage")
+    restart.num_epochs(4)
+    assert [restart.schedule_epoch(e) for e in range(n)] == [0, 0, 1, 2, 0, 1, 0, 0, 0, 1, 0, 0]
 
 
 def test_bad_hyper_parameters():

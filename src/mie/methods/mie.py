@@ -22,9 +22,13 @@ covariance (``mie.optim.flat``). Layers of j and k are paired by position counte
 whose d_in differs (e.g. a 1-channel and a 3-channel stem) is left unmodified.
 
 A stage lasts ``epochs_per_stage`` epochs, one number for all modalities or one per modality
-(``{audio: 25, video: 50}`` as the authors' CREMA-D runs); the cycle repeats until every modality
-has had at least ``train.epochs`` epochs. With ``train.lr_step`` each stage restarts the step
-schedule, as the authors' code does by building a new scheduler per stage.
+(``{audio: 25, video: 50}`` as the authors' CREMA-D runs). The cycle repeats until every modality
+has had exactly ``train.epochs`` = E epochs of updates, the budget of every other method: a stage
+that would pass E is cut short, and a modality that has its E epochs is left out of the remaining
+cycles (``stage_plan``). With ``train.lr_step``, ``schedule="modality"`` (default) steps each
+modality's rate by its own count of trained epochs, as a baseline's rate steps by its epochs;
+``schedule="stage"`` restarts the schedule at every stage, as the authors' code does by building a
+new scheduler per stage (IJCAI25-IGM ``train_*.py``).
 
 ``objective="released"`` (the named variant ``mie_released``) trains each stage on the objective
 of the authors' released code (IJCAI25-IGM ``train_*.py``) instead of the paper's cross-entropy,
@@ -47,7 +51,6 @@ and GM rewrites the gradients between the second backward and the base step.
 GM only / both) is four runs of this method. ``alternation="iteration"`` trains every modality in
 turn on each mini-batch (as MLA does) and recomputes every T after each epoch.
 """
-import math
 from contextlib import ExitStack
 
 import torch
@@ -66,6 +69,19 @@ def stage_lengths(v):
     lengths = v.values() if isinstance(v, dict) else [v]
     ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths)
     return None if ok else "an integer >= 1 or a mapping modality → integer >= 1, e.g. {audio: 25, video: 50}"
+
+
+def stage_plan(cycle, lengths, epochs):
+    """[(j, epoch within its stage, the stage's length)] for each loop epoch: stages of ``lengths``
+    epochs in ``cycle`` order, repeated until every modality has exactly ``epochs`` epochs; a stage
+    that would pass the budget is cut short, and a modality that has it is skipped."""
+    done, plan = {m: 0 for m in cycle}, []
+    while any(n < epochs for n in done.values()):
+        for m, n in zip(cycle, lengths):
+            length = min(n, epochs - done[m])
+            plan += [(m, i, length) for i in range(length)]
+            done[m] += length
+    return plan
 
 
 def gm_layers(model, m, scope=0.0):
@@ -105,6 +121,8 @@ class MIE(Method):
         "order": Param(None, modality_list, "the modality cycle (default: the data's order)"),
         "fusion": fusion_param("average"),
         "gm_scope": Param(0.0, number(at_least=0, at_most=1), "share of parameters GM reaches (0: the head)"),
+        "schedule": Param("modality", one_of("modality", "stage"),
+                          "train.lr_step counts each modality's own epochs, or restarts every stage (authors' code)"),
         "objective": Param("paper", one_of("paper", "released"), "the paper's CE, or the released code's mixup"),
         "mixup_alpha": Param(1.0, number(above=0), "released objective: λ ~ Beta(α, α)"),
         "flat_weight": Param(0.3, number(at_least=0, at_most=1), "released objective: weight w of the clean CE"),
@@ -129,6 +147,7 @@ class MIE(Method):
             raise MieInputError(f"method.epochs_per_stage names {sorted(lengths)}; it must give one length for each "
                                 f"modality: {order}")
         self.lengths = [lengths[m] if isinstance(lengths, dict) else lengths for m in order]
+        self.plan = stage_plan(order, self.lengths, ctx.epochs_per_modality)
         self.layers = {m: gm_layers(model, m, self.gm_scope) for m in order}
         self.T = {m: [torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] for m in order}
         self.means = {m: None for m in order}   # the batch means T^(m) was made from (None: T = I)
@@ -146,8 +165,8 @@ class MIE(Method):
     def num_epochs(self, epochs_per_modality):
         if self.alternation == "iteration":
             return epochs_per_modality
-        cycles = math.ceil(epochs_per_modality / min(self.lengths))   # every modality gets ≥ the budget
-        return cycles * sum(self.lengths)
+        self.plan = stage_plan(self.cycle, self.lengths, epochs_per_modality)
+        return len(self.plan)
 
     # ---- the cycle ----------------------------------------------------------------------
     def source(self, j):
@@ -157,20 +176,19 @@ class MIE(Method):
     def stage(self, epoch):
         """(j, k, last): the modality trained in loop epoch ``epoch`` (stage mode), its source k,
         and whether the stage ends here."""
-        j, within = self._position(epoch)
-        return j, self.source(j), within + 1 == self.lengths[self.cycle.index(j)]
+        j, within, length = self.plan[epoch]
+        return j, self.source(j), within + 1 == length
 
-    def _position(self, epoch):
-        """(j, epochs of j's current stage before this one)."""
-        r = epoch % sum(self.lengths)
-        for i, n in enumerate(self.lengths):
-            if r < n:
-                return self.cycle[i], r
-            r -= n
+    def trained_modalities(self, epoch):
+        return list(self.cycle) if self.alternation == "iteration" else [self.plan[epoch][0]]
 
     def schedule_epoch(self, epoch):
-        """The epoch within the current stage: each stage starts its learning-rate schedule afresh."""
-        return epoch if self.alternation == "iteration" else self._position(epoch)[1]
+        """The epoch count train.lr_step reads: j's own trained epochs before this one, or the epoch
+        within the current stage (``schedule="stage"``)."""
+        if self.alternation == "iteration":
+            return epoch
+        j, within, _ = self.plan[epoch]
+        return within if self.schedule == "stage" else sum(m == j for m, _, _ in self.plan[:epoch])
 
     def start_epoch(self, epoch):
         for hook in self.gm_hooks.values():
