@@ -60,6 +60,8 @@ def build_parser():
     _common_args(p)
     p.add_argument("--methods", required=True, help="comma-separated method names")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--reference", help="the method every other is paired with (default: joint if compared, "
+                                       "else the first)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for runs and results")
 
     p = sub.add_parser("benchmark", help="every method on every offline dataset setting → one report")
@@ -156,7 +158,7 @@ def cmd_compare(args):
     args.overrides = rest
     cfg = _config(args)
     compare(cfg, methods, _ints(args.seeds, "--seeds"), args.out, method_overrides,
-            command=shlex.join(["mie", *args.argv]))
+            command=shlex.join(["mie", *args.argv]), reference=args.reference)
     print((Path(args.out) / "results.md").read_text())
 
 

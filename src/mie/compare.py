@@ -1,9 +1,13 @@
 """Side-by-side comparison: every method × every seed on the same data, splits and epoch budget.
 
 Writes, under the output folder, one run folder per (method, seed), ``results.csv`` (one row
-per run) and ``results.md`` (mean ± std over seeds per method: fused and per-modality test
-metrics, validation accuracy, seconds per run). Finished runs are read back, unfinished ones
-resumed, so an interrupted comparison continues where it stopped.
+per run, with the epochs of updates each modality received and the optimizer steps) and
+``results.md``: mean ± std over n seeds per method (fused and per-modality test metrics,
+validation accuracy, seconds per run), and each method's paired difference in test accuracy to a
+reference method over the seeds both ran, with its 95% t-interval and the seeds won. A grid whose
+methods did not give every modality the same ``train.epochs`` epochs of updates is refused, unless
+a method stops a modality early by design (MSES), which the table marks. Finished runs are read
+back, unfinished ones resumed, so an interrupted comparison continues where it stopped.
 """
 import json
 import os
@@ -32,12 +36,15 @@ def method_config(cfg, name, overrides):
     return config_mod.validate(out)
 
 
-def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, log=print, command=None):
+def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, log=print, command=None,
+            reference=None):
     """Run the grid; return the per-run rows. ``cfg``'s method section is ignored: each method
     starts from its own defaults, and ``method_overrides`` ({key: value}) are applied to every
-    method that has that hyper-parameter."""
+    method that has that hyper-parameter. ``reference``: the method every other is paired with
+    (default ``joint`` when compared, else the first method)."""
     if not methods or not seeds:
         raise MieInputError("compare needs at least one method and one seed")
+    reference = reference_method(methods, reference)
     for name in methods:
         method_params(name)  # unknown names fail before anything runs
     overrides = dict(method_overrides or {})
@@ -51,11 +58,31 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
         for seed in seeds:
             result = run_or_load(method_config(cfg, name, overrides), seed, arrays, out / name / f"seed_{seed}",
                                  progress)
+            check_budget(result, cfg["train"]["epochs"])
             rows.append(result_row(result))
             log(run_line(name, result))
     write_text(out / "results.csv", csv_text(rows))
-    write_text(out / "results.md", results_markdown(rows, cfg, methods, seeds, command))
+    write_text(out / "results.md", results_markdown(rows, cfg, methods, seeds, command, reference))
     return rows
+
+
+def reference_method(methods, reference=None):
+    """The method the others are paired with: ``reference``, else joint if compared, else the first."""
+    if reference is None:
+        return "joint" if "joint" in methods else methods[0]
+    if reference not in methods:
+        raise MieInputError(f"--reference {reference} is not among the compared methods: {', '.join(methods)}")
+    return reference
+
+
+def check_budget(result, epochs):
+    """Refuse a run that did not give each of its modalities ``epochs`` epochs of updates, unless its
+    method stops modalities early by design."""
+    budget = result["budget"]
+    trained = budget["modality_epochs"]
+    if not budget["stops_early"] and any(n != epochs for n in trained.values()):
+        raise MieInputError(f"{result['method']} trained the modalities for {trained} epochs, not {epochs} each: "
+                            f"a comparison needs every method at the same budget (train.epochs)")
 
 
 def run_or_load(cfg, seed, data, run_dir, progress=None):
@@ -81,6 +108,9 @@ def result_row(result):
     row.update({f"test_acc_{m}": v["accuracy"] for m, v in result["test"]["per_modality"].items()})
     row.update({"val_accuracy": result["val"]["accuracy"], "best_epoch": result["best_epoch"],
                 "loop_epochs": result["loop_epochs"], "seconds": result["seconds"]})
+    budget = result["budget"]
+    row.update({f"epochs_{m}": n for m, n in budget["modality_epochs"].items()})
+    row.update({"optimizer_steps": budget["optimizer_steps"], "stops_early": budget["stops_early"]})
     return row
 
 
@@ -91,16 +121,17 @@ def mean_std(values):
 
 
 def results_table(rows, labels):
-    """Markdown table, one line per label in ``labels`` (rows' "method"): mean ± std over its
-    runs of every test metric, each modality's own accuracy, validation accuracy and seconds.
-    A modality a method does not see is shown as –; the best fused accuracy is in bold."""
+    """Markdown table, one line per label in ``labels`` (rows' "method"): mean ± std over its n runs
+    of every test metric, each modality's own accuracy, validation accuracy and seconds. A modality
+    a method does not see is shown as –; the best fused accuracy is in bold; † marks a method that
+    stops modalities early by design."""
     columns = []
     for row in rows:
         columns += [k for k in row if k.startswith("test_") and k not in columns]
     columns.append("val_accuracy")
     names = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "test_map": "test MAP",
              "val_accuracy": "val acc"}
-    header = ["method"] + [names.get(k, k.replace("test_acc_", "acc ")) for k in columns] + ["s / run"]
+    header = ["method", "n"] + [names.get(k, k.replace("test_acc_", "acc ")) for k in columns] + ["s / run"]
     summary = {}
     for label in labels:
         mine = [r for r in rows if r["method"] == label]
@@ -109,12 +140,68 @@ def results_table(rows, labels):
     best = max(labels, key=lambda n: summary[n]["test_accuracy"][0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in labels:
+        mine = [r for r in rows if r["method"] == label]
         cells = [f"{summary[label][k][0]:.4f} ± {summary[label][k][1]:.4f}" if k in summary[label] else "–"
                  for k in columns]
         if label == best:
             cells[0] = f"**{cells[0]}**"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {summary[label]['seconds'][0]:.1f} |")
+        mark = " †" if any(_true(r.get("stops_early")) for r in mine) else ""
+        lines.append(f"| {label}{mark} | {len(mine)} | " + " | ".join(cells) + f" | {summary[label]['seconds'][0]:.1f} |")
     return "\n".join(lines)
+
+
+def _true(value):
+    return value is True or value == "True"      # rows read back from results.csv hold text
+
+
+def paired_differences(rows, labels, reference, metric="test_accuracy"):
+    """{label: (mean d, half-width of the 95% t-interval or None for n < 2, seeds won, n)} with
+    d_s = metric(label, seed s) − metric(reference, seed s) over the seeds both ran."""
+    from scipy import stats
+    by = {(r["method"], int(r["seed"])): float(r[metric]) for r in rows}
+    out = {}
+    for label in labels:
+        if label == reference:
+            continue
+        seeds = sorted(s for m, s in by if m == label and (reference, s) in by)
+        d = [by[(label, s)] - by[(reference, s)] for s in seeds]
+        if not d:
+            continue
+        n = len(d)
+        mean = statistics.fmean(d)
+        half = stats.t.ppf(0.975, n - 1) * statistics.stdev(d) / n ** 0.5 if n > 1 else None
+        out[label] = (mean, half, sum(x > 0 for x in d), n)
+    return out
+
+
+def paired_table(rows, labels, reference):
+    """Markdown: each method's paired difference in test accuracy to ``reference``."""
+    diffs = paired_differences(rows, labels, reference)
+    if not diffs:
+        return ""
+    lines = [f"Paired by seed against `{reference}` (test accuracy, method − {reference}; 95% t-interval; "
+             "**bold**: the interval excludes 0):", "",
+             f"| method | n | mean difference | 95% interval | seeds won |", "|---|---|---|---|---|"]
+    for label, (mean, half, won, n) in diffs.items():
+        if half is None:
+            interval, mean_text = "n/a (one seed)", f"{mean:+.4f}"
+        else:
+            interval = f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+            mean_text = f"**{mean:+.4f}**" if mean - half > 0 or mean + half < 0 else f"{mean:+.4f}"
+        lines.append(f"| {label} | {n} | {mean_text} | {interval} | {won}/{n} |")
+    return "\n".join(lines)
+
+
+def budget_line(rows, labels):
+    """Each method's epochs of updates per modality and optimizer steps (means over its runs)."""
+    parts = []
+    for label in labels:
+        mine = [r for r in rows if r["method"] == label]
+        epochs = {k[len("epochs_"):]: statistics.fmean(float(r[k]) for r in mine)
+                  for k in mine[0] if k.startswith("epochs_") and all(r.get(k) not in (None, "") for r in mine)}
+        steps = statistics.fmean(float(r["optimizer_steps"]) for r in mine)
+        parts.append(f"{label} {'/'.join(f'{m} {e:g}' for m, e in epochs.items())}, {steps:g} steps")
+    return "Budget (epochs of updates per modality, optimizer steps per run): " + "; ".join(parts) + "."
 
 
 def source_revision():
@@ -138,15 +225,17 @@ def machine_line():
 
 
 def protocol_line(cfg, seeds):
-    return (f"Seeds {', '.join(map(str, seeds))}; {cfg['train']['epochs']} epochs per modality for every method; "
-            f"checkpoint chosen on validation {cfg['train']['select_on']}, test read once. "
-            "Columns `acc <modality>`: that modality's own prediction alone (test).")
+    return (f"Seeds {', '.join(map(str, seeds))} (n = {len(seeds)} per method); {cfg['train']['epochs']} epochs of "
+            "updates per modality for every method († stops a modality early by design); checkpoint chosen on "
+            f"validation {cfg['train']['select_on']}, test read once. Columns `acc <modality>`: that modality's own "
+            "prediction alone (test).")
 
 
-def results_markdown(rows, cfg, methods, seeds, command=None):
-    """The comparison table and what it was run on."""
+def results_markdown(rows, cfg, methods, seeds, command=None, reference=None):
+    """The comparison table, the paired differences, and what it was run on."""
     data = cfg["data"]["dataset"] or cfg["data"]["path"]
     mods = ", ".join(r.replace("test_acc_", "") for r in rows[0] if r.startswith("test_acc_"))
     notes = ([f"Command: `{command}`"] if command else []) + [
-        f"Data: {data} (modalities {mods}).", protocol_line(cfg, seeds), machine_line()]
-    return results_table(rows, methods) + "\n\n" + "\n".join(notes) + "\n"
+        f"Data: {data} (modalities {mods}).", protocol_line(cfg, seeds), budget_line(rows, methods), machine_line()]
+    paired = paired_table(rows, methods, reference_method(methods, reference))
+    return (results_table(rows, methods) + "\n\n" + (paired + "\n\n" if paired else "") + "\n".join(notes) + "\n")
