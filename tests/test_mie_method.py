@@ -411,6 +411,10 @@ def test_iteration_alternation_recomputes_every_T():
 
 def test_released_objective_matches_hand_computation():
     """mie_released: (1 − w)·[λ CE(o, y) + (1 − λ) CE(o, y[π])] + w·CE(o, y) on the mixed input."""
+    # njustkmg/IJCAI25-IGM train_CREMA.py line 75: loss_ori = mixup_criterion(criterion, o, y_a, y_b, lam)
+    # njustkmg/IJCAI25-IGM utils/loss.py line 98: lam · criterion(pred, y_a) + (1 − lam) · criterion(pred, y_b)
+    # njustkmg/IJCAI25-IGM train_CREMA.py line 122: loss_tmp = CE(cls(fea), y), fea of the mixed input
+    # njustkmg/IJCAI25-IGM train_CREMA.py line 127: (1 − flat_ratio) · loss_ori + flat_ratio · loss_tmp
     model = _model()
     method = create_method("mie_released", mixup_alpha=0.7, flat_weight=0.3)
     method.model = model
