@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mie.optim import InputCovariance, flat_modification_matrix, matrix_stats, modify_gradient
@@ -199,28 +200,61 @@ def test_modify_gradient_shape_mismatch_and_no_grad():
 
 # ---- convolution layers (GM beyond the head) --------------------------------------------------
 
-def _patch_means_by_hand(x, k, stride, pad):
-    """Mean over batch and output positions of every (C·k·k) input patch, by explicit loops."""
-    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    b, c, h, w = x.shape
-    patches = []
-    for i in range(0, h - k + 1, stride):
-        for j in range(0, w - k + 1, stride):
-            patches.append(x[:, :, i:i + k, j:j + k].reshape(b, -1))      # (B, C·k·k), channel-major
-    return np.concatenate(patches).mean(axis=0)
+def _mean_input_patches_by_hand(x, k, stride, pad):
+    """Every (C·k·k) patch of the batch-mean input, one row per output position, by explicit loops."""
+    x = np.pad(x.mean(axis=0), ((0, 0), (pad, pad), (pad, pad)))
+    c, h, w = x.shape
+    return np.stack([x[:, i:i + k, j:j + k].reshape(-1)                       # channel-major
+                     for i in range(0, h - k + 1, stride) for j in range(0, w - k + 1, stride)])
 
 
 def test_conv_covariance_is_the_unfolded_input_covariance():
+    """Ȳ = Σ_t Σ_p u_{t,p} u_{t,p}ᵀ over the patches of each batch's mean input (Adam-NSCL)."""
     conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
     rng = np.random.default_rng(0)
     batches = [rng.normal(size=(4, 2, 7, 6)) for _ in range(3)]
     with InputCovariance([conv]) as cov:
         for x in batches:
             conv(torch.tensor(x, dtype=torch.float32))
-    means = [_patch_means_by_hand(x.astype(np.float32).astype(np.float64), 3, 2, 1) for x in batches]
-    expected = sum(np.outer(z, z) for z in means)
+    expected = sum(U.T @ U for U in (_mean_input_patches_by_hand(x.astype(np.float32).astype(np.float64), 3, 2, 1)
+                                      for x in batches))
     assert cov.covariances[0].shape == (18, 18)
     np.testing.assert_allclose(cov.covariances[0].numpy(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_conv_covariance_matches_the_released_code():
+    """The authors' conv branch, transcribed: unfold the batch-mean input, covariance of the patches.
+
+    # njustkmg/IJCAI25-IGM models/AudioVideo.py line 101: nn.Conv2d: F.unfold(torch.mean(fea_in[0], 0, True), ...)
+    # njustkmg/IJCAI25-IGM models/AudioVideo.py line 109: permute(0, 2, 1).reshape(-1, C·k·k); update_cov: UᵀU
+    """
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    batches = [torch.randn(5, 3, 9, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = 0
+    for x in batches:
+        u = F.unfold(torch.mean(x.double(), 0, True), kernel_size=conv.kernel_size, padding=conv.padding,
+                     stride=conv.stride)                        # in float64, as ours accumulates
+        u = u.permute(0, 2, 1).reshape(-1, u.shape[1])
+        expected = expected + u.T @ u
+    with InputCovariance([conv]) as cov:
+        for x in batches:
+            conv(x)
+    torch.testing.assert_close(cov.covariances[0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_factor_is_compacted_without_changing_the_covariance():
+    """More than 2·d_in columns are folded into the QR factor Rᵀ (d_in × d_in): Z Zᵀ is kept."""
+    conv = nn.Conv1d(1, 2, 2)                                   # d_in = 2; 7 positions per batch
+    xs = [torch.randn(3, 1, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with InputCovariance([conv]) as cov:
+        for x in xs:
+            conv(x)
+    assert cov.factor(0).shape[1] <= 2 * 2 + 7
+    expected = 0
+    for x in xs:
+        u = x.double().mean(0)[0].unfold(0, 2, 1)                # (7, 2) patches of the batch-mean input
+        expected = expected + u.T @ u
+    torch.testing.assert_close(cov.covariances[0], expected, rtol=1e-10, atol=1e-10)
 
 
 def test_conv_gradient_is_modified_as_a_matrix():
@@ -242,16 +276,14 @@ def test_layers_gm_cannot_take_are_refused():
             input_dim(layer)
 
 
-def _patch_means_nd(x, kernel, stride, pad, dilation):
-    """Mean patch of an N-d convolution input, by looping over output positions (numpy)."""
-    x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in pad])
+def _mean_input_patches_nd(x, kernel, stride, pad, dilation):
+    """Patches of the batch-mean input of an N-d convolution, one row per output position (numpy loops)."""
+    x = np.pad(x.mean(axis=0), [(0, 0)] + [(p, p) for p in pad])
     reach = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
-    outs = [(n - r) // s + 1 for n, r, s in zip(x.shape[2:], reach, stride)]
-    patches = []
-    for pos in np.ndindex(*outs):
-        index = tuple(slice(p * s, p * s + r, d) for p, s, r, d in zip(pos, stride, reach, dilation))
-        patches.append(x[(slice(None), slice(None)) + index].reshape(len(x), -1))
-    return np.concatenate(patches).mean(axis=0)
+    outs = [(n - r) // s + 1 for n, r, s in zip(x.shape[1:], reach, stride)]
+    return np.stack([x[(slice(None),) + tuple(slice(p * s, p * s + r, d) for p, s, r, d
+                                               in zip(pos, stride, reach, dilation))].reshape(-1)
+                     for pos in np.ndindex(*outs)])
 
 
 @pytest.mark.parametrize("conv, shape", [
@@ -259,12 +291,12 @@ def _patch_means_nd(x, kernel, stride, pad, dilation):
     (nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)), (3, 2, 7, 6)),
     (nn.Conv3d(2, 2, (3, 3, 3), stride=(2, 1, 2), padding=(1, 1, 0)), (2, 2, 5, 4, 6)),
 ])
-def test_conv_patch_means_of_every_dimension(conv, shape):
-    from mie.optim.flat import input_dim, layer_input_mean
+def test_conv_patches_of_every_dimension(conv, shape):
+    from mie.optim.flat import input_dim, layer_input_columns
     x = np.random.default_rng(len(shape)).normal(size=shape)
-    got = layer_input_mean(conv, torch.tensor(x)).numpy()
-    expected = _patch_means_nd(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-    assert got.shape == (input_dim(conv),)
+    got = layer_input_columns(conv, torch.tensor(x)).numpy()
+    expected = _mean_input_patches_nd(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation).T
+    assert got.shape == expected.shape and got.shape[0] == input_dim(conv)
     np.testing.assert_allclose(got, expected, atol=1e-12)
 
 

@@ -150,7 +150,7 @@ class MIE(Method):
         self.plan = stage_plan(order, self.lengths, ctx.epochs_per_modality)
         self.layers = {m: gm_layers(model, m, self.gm_scope) for m in order}
         self.T = {m: [torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] for m in order}
-        self.means = {m: None for m in order}   # the batch means T^(m) was made from (None: T = I)
+        self.means = {m: None for m in order}   # the factors Z (Ȳ = Z Zᵀ) T^(m) was made from (None: T = I)
         self.optimizers, self.gm_hooks = {}, {}
         for m in order:
             base = ctx.make_optimizer(model.modality_parameters(m))
@@ -295,7 +295,7 @@ class MIE(Method):
                 for m in modalities:
                     self.model.forward_modality(m, xs[m])
         for m, c in collectors.items():   # every rank passed over all the data: nothing to reduce
-            self.means[m] = [c.batch_means(i) for i in range(len(self.layers[m]))]
+            self.means[m] = [c.factor(i) for i in range(len(self.layers[m]))]
             self.T[m] = c.flat_matrices(self.tau)
         self._feed_successors(modalities)
 
@@ -317,7 +317,7 @@ class MIE(Method):
     def load_state_dict(self, state):
         for m, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][m])
-        # T is rebuilt from the batch means (d × n): far smaller than T (d × d) for wide conv layers
+        # T is rebuilt from the factors Z (d × n, n ≤ 2d + one batch's columns)
         self.means = {m: None if z is None else list(z) for m, z in state["means"].items()}
         self.T = {m: ([torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] if z is None
                       else [flat_modification_from_means(a, self.tau) for a in z])

@@ -13,8 +13,16 @@ When modality l is trained, the weight gradient of its layer at the same positio
 
 A Linear's input is its input vector (d_in = in_features). A convolution's (1-, 2- or 3-D) is
 the unfolded patch (d_in = in_channels · k₁ · …, the order of ``weight.reshape(out, -1)``), and
-z̄_t is the mean over the batch and every output position: the unfolded-input covariance of
-Adam-NSCL (Wang et al., CVPR 2021) that the paper names for GM beyond the head.
+its Ȳ is the unfolded-input covariance of Adam-NSCL (Wang et al., CVPR 2021) that the paper names
+for GM beyond the head, as the authors' code computes it (njustkmg/IJCAI25-IGM
+``models/AudioVideo.py``, ``compute_cov``): the batch-mean input x̄_t is unfolded into its patches
+u_{t,p}, one per output position p, and
+
+    Ȳ = Σ_t Σ_p u_{t,p} u_{t,p}ᵀ.
+
+Both are kept as a factor Z with Ȳ = Z Zᵀ (the columns z̄_t, or u_{t,p}); once Z has more than
+2·d_in columns it is replaced by the d_in × d_in factor Rᵀ of the QR decomposition Zᵀ = Q R, which
+keeps Z Zᵀ = Rᵀ R and bounds the memory.
 """
 import torch
 import torch.nn.functional as F
@@ -67,25 +75,27 @@ def input_dim(layer):
                     f"padding, got {type(layer).__name__}")
 
 
-def layer_input_mean(layer, x):
-    """z̄: the mean of a GM layer's input vectors in one batch, float64 (d_in,). For a convolution
-    the vectors are its input patches (C × k₁ × … in the order of ``weight[o]``), one per output
-    position, taken as strided views of the zero-padded input."""
+def layer_input_columns(layer, x):
+    """A batch's columns of the factor Z (Ȳ = Z Zᵀ) of a GM layer, float64 (d_in × c): for a Linear
+    the mean input vector z̄ (c = 1); for a convolution the patches u_p of the batch-mean input, one
+    per output position (C × k₁ × … in the order of ``weight[o]``), taken as strided views of the
+    zero-padded input."""
     x = x.detach().to(torch.float64)
     if isinstance(layer, nn.Linear):
-        return x.reshape(-1, layer.in_features).mean(dim=0)
+        return x.reshape(-1, layer.in_features).mean(dim=0)[:, None]
     n = x.ndim - 2
-    x = F.pad(x, [p for p in reversed(layer.padding) for _ in range(2)])
+    x = F.pad(x.mean(dim=0, keepdim=True), [p for p in reversed(layer.padding) for _ in range(2)])
     for i in range(n):   # dim 2 + i → output positions; a new last dim → the kernel's reach
         x = x.unfold(2 + i, layer.dilation[i] * (layer.kernel_size[i] - 1) + 1, layer.stride[i])
-    x = x[(...,) + tuple(slice(None, None, d) for d in layer.dilation)]     # (B, C, O₁…Oₙ, k₁…kₙ)
-    return x.mean(dim=(0, *range(2, 2 + n))).reshape(-1)
+    x = x[(...,) + tuple(slice(None, None, d) for d in layer.dilation)]     # (1, C, O₁…Oₙ, k₁…kₙ)
+    x = x[0].permute(*range(1, 1 + n), 0, *range(1 + n, 1 + 2 * n))        # (O₁…Oₙ, C, k₁…kₙ)
+    return x.reshape(-1, input_dim(layer)).T
 
 
 def flat_modification_from_means(Z, tau=0.4):
-    """T of Ȳ = Z Zᵀ from the batch means Z = [z̄_1 … z̄_n] (d × n), float64 (d × d).
+    """T of Ȳ = Z Zᵀ from a factor Z (d × n): the batch means [z̄_1 … z̄_n], or any other, float64 (d × d).
 
-    With fewer batches than dimensions (n < d, the rule for conv layers) Ȳ has rank ≤ n and
+    With fewer columns than dimensions (n < d, e.g. a wide layer and few batches) Ȳ has rank ≤ n and
     λ_min = 0, so T = I + Σ_i (σ_i − 1) u_i u_iᵀ over its n eigenpairs, taken from the n × n Gram
     matrix ZᵀZ = W Λ Wᵀ (u_i = Z w_i / √λ_i): exactly V Σ Vᵀ, without a d × d eigendecomposition.
     """
@@ -110,22 +120,26 @@ def flat_modification_from_means(Z, tau=0.4):
 
 
 class InputCovariance:
-    """Collects, via forward hooks, the batch means z̄_t of the inputs of some Linear / Conv2d layers.
+    """Collects, via forward hooks, the factor Z of Ȳ = Z Zᵀ of the inputs of some GM layers (see the
+    module docstring: batch means for a Linear, patches of the batch-mean input for a convolution).
 
-    Use as a context manager around forward passes. ``batch_means(i)`` is Z = [z̄_1 … z̄_n]
-    (d_in × n, float64) of layer i, ``covariances`` the matrices Ȳ = Z Zᵀ = Σ_t z̄_t z̄_tᵀ, and
-    ``flat_matrices(τ)`` each layer's T, in the order the layers were given.
+    Use as a context manager around forward passes. ``factor(i)`` is Z (d_in × n, float64) of layer
+    i, ``covariances`` the matrices Ȳ = Z Zᵀ, and ``flat_matrices(τ)`` each layer's T, in the order
+    the layers were given.
     """
 
     def __init__(self, layers):
         self.layers = list(layers)
         self.dims = [input_dim(l) for l in self.layers]
-        self.means = [[] for _ in self.layers]
+        self.blocks = [[] for _ in self.layers]
         self._handles = []
 
     def _hook(self, index):
         def hook(module, inputs, output):
-            self.means[index].append(layer_input_mean(module, inputs[0]).cpu())   # float64 (bf16 under AMP)
+            blocks = self.blocks[index]
+            blocks.append(layer_input_columns(module, inputs[0]).cpu())    # float64 (bf16 under AMP)
+            if sum(b.shape[1] for b in blocks) > 2 * self.dims[index]:
+                self.blocks[index] = [torch.linalg.qr(torch.cat(blocks, dim=1).T, mode="r").R.T]
         return hook
 
     def __enter__(self):
@@ -137,26 +151,26 @@ class InputCovariance:
             h.remove()
         self._handles = []
 
-    def batch_means(self, index):
-        if not self.means[index]:
+    def factor(self, index):
+        if not self.blocks[index]:
             return torch.zeros(self.dims[index], 0, dtype=torch.float64)
-        return torch.stack(self.means[index], dim=1)
+        return torch.cat(self.blocks[index], dim=1)
 
     @property
     def covariances(self):
-        return [Z @ Z.T for Z in map(self.batch_means, range(len(self.layers)))]
+        return [Z @ Z.T for Z in map(self.factor, range(len(self.layers)))]
 
     def flat_matrices(self, tau):
-        return [flat_modification_from_means(self.batch_means(i), tau) for i in range(len(self.layers))]
+        return [flat_modification_from_means(self.factor(i), tau) for i in range(len(self.layers))]
 
     def all_reduce(self):
-        """Join every rank's batch means, if a torch.distributed process group is running (for a
-        loop in which each rank passes over its own shard of the data)."""
+        """Join every rank's factors (Ȳ sums over the ranks), if a torch.distributed process group is
+        running (for a loop in which each rank passes over its own shard of the data)."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.means)
-            self.means = [[z for rank_means in gathered for z in rank_means[i]] for i in range(len(self.layers))]
+            dist.all_gather_object(gathered, self.blocks)
+            self.blocks = [[b for rank_blocks in gathered for b in rank_blocks[i]] for i in range(len(self.layers))]
 
 
 def modify_gradient(layer, T):
