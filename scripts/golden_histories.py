@@ -19,6 +19,7 @@ PARAMS = {
     "mslr": {"strategy": "smooth", "history": 2},
     "greedy": {"warmup_epochs": 0, "alpha": 0.001},
     "pmr": {},
+    "pmr_per": {},
 }
 
 

@@ -1,8 +1,9 @@
 """Greedy (mie.methods.greedy) against hand computations: the conditional learning speed from the
 gradients, the conditional utilisation rate from the loop's metrics (fused ŷ, per modality the
-uni-modal DNN), the fusion rules, the re-balancing trigger at the threshold α, the re-balancing
-step touching only the slower branch, the warm-up, and three modalities through the real loop
-(resume: tests/test_resume.py)."""
+uni-modal DNN), the fusion rules, the re-balancing trigger at the threshold α, parity of whole runs
+of steps with a transcription of the authors' released callback and MMTM module, the opt-in
+branch-only re-balancing step, the warm-up, the notices, and three modalities through the real
+loop (resume: tests/test_resume.py)."""
 import math
 
 import numpy as np
@@ -202,9 +203,10 @@ def _changed(model, before):
     return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
-def test_rebalancing_steps_train_only_the_slower_branch_for_window_steps():
+def test_branch_only_rebalancing_steps_train_only_the_slower_branch_for_window_steps():
+    # ours, opt-in (rebalance="branch_only"); the default is the released step, tested below
     model = _model()
-    method = _method(model, _ctx(lr=0.1), alpha=0.0, window=2, warmup_epochs=0)
+    method = _method(model, _ctx(lr=0.1), alpha=0.0, window=2, warmup_epochs=0, rebalance="branch_only")
     xs, y = _batch(seed=1)
     _, E, _ = _hand_parts(model, xs)
     logs = method.training_step(Batch(xs, y), make_step(0, 0, 4))        # normal step, then the trigger
@@ -234,6 +236,196 @@ def test_rebalancing_steps_train_only_the_slower_branch_for_window_steps():
     assert logs["greedy_rebalancing"] == 0.0
     assert _changed(model, before) == set(before)
     assert method.m_main != main_before
+
+
+# ---- parity with the authors' released code ---------------------------------------------------
+class _ReleasedGreedy:
+    """A transcription, in plain torch, of the released training step for two vector branches:
+    ``MMTM_mitigate.forward`` with one MMTM on the encoder outputs, ``blend_loss``, ``Bias_Mitigation_
+    Strong`` (``compute_BDR`` and ``on_backward_end``) and plain SGD on every parameter. Parameter names
+    follow the released model: ``net_view_<i>`` (encoder ``enc`` and head ``fc``) and ``mmtm``
+    (``fc_squeeze``, ``fc_visual``, ``fc_skeleton``)."""
+
+    def __init__(self, params, lr, epsilon, window, starting_epoch):
+        self.p = {n: t.detach().clone() for n, t in params.items()}
+        self.lr, self.epsilon, self.window, self.starting_epoch = lr, epsilon, window, starting_epoch
+        d = self.p["net_view_0.enc.weight"].shape[0]
+        # nyukat/greedy_multimodal_learning src/balanced_mmtm.py line 30 (running means, step counter)
+        self.ra = [torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)]
+        self.step = 0
+        # nyukat/greedy_multimodal_learning src/callbacks.py line 190 (on_train_begin)
+        self.M_bypass, self.M_main = [0.0, 0.0], [0.0, 0.0]
+        self.curation_mode, self.caring_modality, self.unlock = False, None, False
+
+    def on_epoch_begin(self, epoch):
+        # nyukat/greedy_multimodal_learning src/callbacks.py line 265 (epoch is 1-based: framework.py line 293)
+        if epoch >= self.starting_epoch:
+            self.unlock = True
+
+    def forward(self, p, x0, x1):
+        u = [x0 @ p["net_view_0.enc.weight"].T + p["net_view_0.enc.bias"],
+             x1 @ p["net_view_1.enc.weight"].T + p["net_view_1.enc.bias"]]
+        # nyukat/greedy_multimodal_learning src/balanced_mmtm.py line 94 (squeeze, excitation)
+        z = torch.relu(torch.cat(u, 1) @ p["mmtm.fc_squeeze.weight"].T + p["mmtm.fc_squeeze.bias"])
+        out = [torch.sigmoid(z @ p["mmtm.fc_visual.weight"].T + p["mmtm.fc_visual.bias"]),
+               torch.sigmoid(z @ p["mmtm.fc_skeleton.weight"].T + p["mmtm.fc_skeleton.bias"])]
+        # nyukat/greedy_multimodal_learning src/balanced_mmtm.py line 113: running means in every forward,
+        # before they are used; line 114 feeds the second one with vis_out, a bug mie does not reproduce
+        for i in range(2):
+            self.ra[i] = (out[i].mean(0) + self.ra[i] * self.step).detach() / (self.step + 1)
+        self.step += 1
+        # nyukat/greedy_multimodal_learning src/balanced_mmtm.py line 136: the caring branch's excitation ← its mean
+        if self.curation_mode:
+            k = self.caring_modality
+            out[k] = torch.stack(out[k].shape[0] * [self.ra[k]])
+        return [(u[i] * out[i]) @ p[f"net_view_{i}.fc.weight"].T + p[f"net_view_{i}.fc.bias"] for i in range(2)]
+
+    def compute_BDR(self, grads):
+        # nyukat/greedy_multimodal_learning src/callbacks.py line 199
+        wn_main, wn_bypass, gn_main, gn_bypass = [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]
+        for name, parameter in self.p.items():
+            wn, gn = float((parameter ** 2).sum()), float((grads[name] ** 2).sum())
+            if "mmtm" in name:
+                shared = True
+                for ind, modal in enumerate(["visual", "skeleton"]):
+                    if modal in name:
+                        wn_bypass[ind] += wn
+                        gn_bypass[ind] += gn
+                        shared = False
+                if shared:
+                    for ind in range(2):
+                        wn_bypass[ind] += wn
+                        gn_bypass[ind] += gn
+            else:
+                for ind, modal in enumerate(["net_view_0", "net_view_1"]):
+                    if modal in name:
+                        wn_main[ind] += wn
+                        gn_main[ind] += gn
+        for i in range(2):
+            self.M_bypass[i] += gn_bypass[i] / wn_bypass[i]
+            self.M_main[i] += gn_main[i] / wn_main[i]
+        return math.log10(self.M_bypass[0] / self.M_main[0]) - math.log10(self.M_bypass[1] / self.M_main[1])
+
+    def on_backward_end(self, grads):
+        # nyukat/greedy_multimodal_learning src/callbacks.py line 240
+        if self.unlock:
+            if not self.curation_mode:
+                d = self.compute_BDR(grads)
+                if abs(d) > self.epsilon:
+                    self.curation_mode, self.curation_step = True, 0
+                    self.caring_modality = 1 if d < 0 else 0
+                else:
+                    self.curation_mode, self.caring_modality = False, 0
+            else:
+                self.curation_step += 1
+                if self.curation_step == self.window:
+                    self.curation_mode = False
+        else:
+            self.compute_BDR(grads)
+            self.curation_mode, self.caring_modality = False, 0
+
+    def train_step(self, x0, x1, y):
+        # nyukat/greedy_multimodal_learning src/framework.py line 310: zero_grad, loss, backward, callback, step
+        leaves = {n: t.clone().requires_grad_(True) for n, t in self.p.items()}
+        outs = self.forward(leaves, x0, x1)
+        loss = sum(F.cross_entropy(o, y) for o in outs)              # train.py line 22, blend_loss
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        grads = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
+        self.on_backward_end(grads)
+        self.p = {n: t - self.lr * grads[n] for n, t in self.p.items()}   # SGD, momentum 0, wd 0
+        return float(loss.detach())
+
+
+_RELEASED_NAMES = {"encoders.a.weight": "net_view_0.enc.weight", "encoders.a.bias": "net_view_0.enc.bias",
+                   "encoders.b.weight": "net_view_1.enc.weight", "encoders.b.bias": "net_view_1.enc.bias",
+                   "heads.a.net.0.weight": "net_view_0.fc.weight", "heads.a.net.0.bias": "net_view_0.fc.bias",
+                   "heads.b.net.0.weight": "net_view_1.fc.weight", "heads.b.net.0.bias": "net_view_1.fc.bias",
+                   "squeeze.weight": "mmtm.fc_squeeze.weight", "squeeze.bias": "mmtm.fc_squeeze.bias",
+                   "excite.a.weight": "mmtm.fc_visual.weight", "excite.a.bias": "mmtm.fc_visual.bias",
+                   "excite.b.weight": "mmtm.fc_skeleton.weight", "excite.b.bias": "mmtm.fc_skeleton.bias"}
+
+
+# nyukat/greedy_multimodal_learning src/balanced_mmtm.py line 128 (curation mode: the caring branch's
+# excitation replaced by its running mean, line 141/150) with src/callbacks.py line 240 (the trigger,
+# the window, M_main/M_bypass in normal steps only) and src/framework.py line 310 (every parameter steps
+# on the summed loss): the default re-balancing step, step for step, through two epochs.
+def test_parity_with_the_released_callback_and_mmtm_over_two_epochs():
+    model = _model(seed=3)
+    lr, window = 0.1, 2
+    ref = _ReleasedGreedy({_RELEASED_NAMES[n]: p for n, p in model.named_parameters()}, lr=lr, epsilon=0.0,
+                          window=window, starting_epoch=2)
+    method = Greedy(alpha=0.0, window=window)             # defaults: warmup_epochs 1, rebalance mean_excitation
+    method.setup(model, _ctx(lr=lr))
+    steps_per_epoch, seen_rebalancing = 5, set()
+    for epoch in range(2):
+        ref.on_epoch_begin(epoch + 1)
+        method.start_epoch(epoch)
+        for index in range(steps_per_epoch):
+            xs, y = _batch(seed=100 + 10 * epoch + index)
+            curating = ref.curation_mode
+            caring = ref.caring_modality
+            ref_loss = ref.train_step(xs["a"], xs["b"], y)
+            logs = method.training_step(Batch(xs, y), make_step(epoch, index, steps_per_epoch))
+            assert logs["greedy_rebalancing"] == float(curating)
+            if curating:
+                k = "ab"[caring]
+                seen_rebalancing.add(k)
+                assert logs[f"greedy_rebalance_{k}"] == 1.0
+                assert logs["greedy_rebalance_loss"] == pytest.approx(ref_loss, rel=1e-12)
+            else:
+                assert logs["loss"] == pytest.approx(ref_loss, rel=1e-12)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.detach(), ref.p[_RELEASED_NAMES[name]], rtol=1e-10, atol=1e-12,
+                                           msg=f"{name} after epoch {epoch} step {index}")
+            torch.testing.assert_close(model.excite_mean, torch.stack(ref.ra), rtol=1e-10, atol=1e-12)
+            assert [method.m_main[m] for m in "ab"] == pytest.approx(ref.M_main, rel=1e-10)
+            assert [method.m_bypass[m] for m in "ab"] == pytest.approx(ref.M_bypass, rel=1e-10)
+            assert (method.rebalance_left > 0) == ref.curation_mode
+    assert seen_rebalancing                                   # the check covered re-balancing steps
+    assert model.excite_count.item() == ref.step == 2 * steps_per_epoch
+
+
+def test_rebalancing_step_keeps_the_summed_loss_and_steps_every_parameter_but_the_cut_excitation():
+    model = _model()
+    method = _method(model, _ctx(lr=0.1), alpha=0.0, window=1, warmup_epochs=0)
+    method.training_step(_batch(seed=1), make_step(0, 0, 3))
+    k = method.rebalance_modality
+    assert method.rebalance_left == 1
+    main_before = dict(method.m_main)
+    xs, y = _batch(seed=2)
+    with torch.no_grad():
+        _, E, _ = _hand_parts(model, xs)
+    n = model.excite_count.item()
+    e_bar = (model.excite_mean[model.index(k)] * n + E[k].mean(0)) / (n + 1)   # this batch folded in first
+    u, _, _ = _hand_parts(model, xs)
+    lin = {m: model.heads[m].net[0] for m in "ab"}
+    with torch.no_grad():
+        hand = sum(F.cross_entropy((u[m] * (e_bar if m == k else E[m])) @ lin[m].weight.T + lin[m].bias, y)
+                   for m in "ab")
+    before = _snapshot(model)
+    logs = method.training_step(Batch(xs, y), make_step(0, 1, 3))
+    assert logs["greedy_rebalance_loss"] == pytest.approx(hand.item())
+    assert _changed(model, before) == set(before) - {f"excite.{k}.weight", f"excite.{k}.bias"}
+    assert method.m_main == main_before and method.rebalance_left == 0
+
+
+def test_second_modalitys_running_mean_is_its_own_excitation():
+    # nyukat/greedy_multimodal_learning src/balanced_mmtm.py line 114 feeds running_avg_weight_skeleton with
+    # vis_out (the first modality's excitation); mie averages each modality's own excitation
+    model = _model()
+    method = _method(model, _ctx(lr=0.0), alpha=1e9)
+    xs, y = _batch(seed=4)
+    _, E, _ = _hand_parts(model, xs)
+    method.training_step(Batch(xs, y), make_step(0, 0, 1))
+    torch.testing.assert_close(model.excite_mean[1], E["b"].mean(0).detach())
+    assert (model.excite_mean[1] - E["a"].mean(0).detach()).abs().max() > 1e-3
+
+
+def test_notices_when_no_rebalancing_can_happen():
+    model = _model()
+    assert _method(model, _ctx()).notices() == []                        # 3 epochs, warm-up 1
+    assert "never starts" in _method(model, _ctx(), warmup_epochs=3).notices()[0]
+    assert "window=0" in _method(model, _ctx(), window=0).notices()[0]
 
 
 def test_no_rebalancing_during_warmup_nor_below_the_threshold():

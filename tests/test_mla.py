@@ -1,5 +1,7 @@
 """MLA (mie.methods.mla): the OWM projection update, its α schedule, that the projection really
-acts on the shared head's weight gradient in a step, entropy fusion, and resume."""
+acts on the shared head's weight gradient in a step, parity with the update rule the released code
+intends (and, with ``project=False``, with the released code as it actually runs: no projection),
+the first step projected unlike the released branch, entropy fusion, and settings."""
 import copy
 
 import numpy as np
@@ -145,3 +147,107 @@ def test_rejects_bad_setup():
     model = MLAModel({"a": nn.Linear(3, 2)}, ClassifierHead(2, 3, hidden=()))
     with pytest.raises(mie.MieInputError):
         MLA().setup(model, _ctx(model))
+
+
+# ---- parity with the authors' released code -------------------------------------------------
+# A transcription of the released GSPlugin (Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-
+# Adaptation utils/utils.py line 24, before_update) and of its MLA training loop (main.py line 432:
+# out_a = fc_out(a); loss_a.backward(); gs_plugin.before_update(fc_out, a, batch_step,
+# len_dataloader, exp_count); optimizer.step(); optimizer.zero_grad(); exp_count += 1; the same for
+# v, main.py lines 444-454). ``intended=True`` applies the two fixes the dead branch intends (the
+# paper's OWM update): the parameter name a Linear really has ("weight", utils.py line 32 tests
+# "module.weight") and the scalar denominator α + r k (utils.py line 36 writes torch.mm(k, r), a d×d
+# outer product). ``intended=False`` is the code exactly as released.
+class _GSPlugin:
+    def __init__(self, dim, intended):
+        self.Pl = torch.eye(dim)
+        self.exp_count = 0
+        self.intended = intended
+
+    def before_update(self, model, before_batch_input, batch_index, len_dataloader, train_exp_counter):
+        lamda = batch_index / len_dataloader + 1
+        alpha = 1.0 * 0.1 ** lamda
+        if train_exp_counter != 0:
+            for n, w in model.named_parameters():
+                if n == ("weight" if self.intended else "module.weight"):
+                    r = torch.mean(before_batch_input, 0, True)
+                    k = torch.mm(self.Pl, torch.t(r))
+                    denominator = torch.mm(r, k) if self.intended else torch.mm(k, r)
+                    self.Pl = torch.sub(self.Pl, torch.mm(k, torch.t(k)) / (alpha + denominator))
+                    pnorm2 = torch.norm(self.Pl.data, p='fro')
+                    self.Pl.data = self.Pl.data / pnorm2
+                    w.grad.data = torch.mm(w.grad.data, torch.t(self.Pl.data))
+
+
+def _released_training(ref, batches, lr, intended, exp_count=0):
+    criterion = nn.CrossEntropyLoss()
+    fc_out = ref.head.linears[0]
+    optimizer = torch.optim.SGD(ref.parameters(), lr=lr)
+    gs_plugin = _GSPlugin(fc_out.in_features, intended)
+    gs_plugin.exp_count = exp_count
+    len_dataloader = len(batches)
+    for batch_step, (xs, label) in enumerate(batches):
+        for m in ("a", "b"):
+            feat = ref.encoders[m](xs[m])
+            out = fc_out(feat)
+            loss = criterion(out, label)
+            loss.backward()
+            gs_plugin.before_update(fc_out, feat, batch_step, len_dataloader, gs_plugin.exp_count)
+            optimizer.step()
+            optimizer.zero_grad()
+            gs_plugin.exp_count += 1
+    return gs_plugin.Pl
+
+
+def _two_batches():
+    torch.manual_seed(3)
+    return [({"a": torch.randn(6, 3), "b": torch.randn(6, 4)}, torch.tensor([0, 1, 2, 0, 1, 2])) for _ in range(2)]
+
+
+def _run(method, model, batches):
+    method.setup(model, _ctx(model, lr=0.5, steps=len(batches)))
+    method.start_epoch(0)
+    for index, (xs, y) in enumerate(batches):
+        method.training_step(Batch(xs, y), make_step(0, index, len(batches)))
+
+
+def test_parity_with_the_update_rule_the_released_code_intends():
+    batches = _two_batches()
+    model = _tiny_model()
+    ref = copy.deepcopy(model)
+    _run(create_method("mla"), model, batches)
+    # exp_count starts at 1: the released code would skip its very first update (utils.py line 29);
+    # ``mie`` projects from the first step on (see the next test)
+    P = _released_training(ref, batches, 0.5, intended=True, exp_count=1)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    # the check has power: the code as released (no projection) ends elsewhere
+    plain = copy.deepcopy(_tiny_model())
+    _released_training(plain, batches, 0.5, intended=False)
+    assert not torch.allclose(model.head.linears[0].weight, plain.head.linears[0].weight, atol=1e-4)
+    assert torch.allclose(P, P.T, atol=1e-6) and not torch.allclose(P, torch.eye(2) / np.sqrt(2), atol=1e-3)
+
+
+def test_project_false_trains_as_the_released_code_actually_runs():
+    batches = _two_batches()
+    model = _tiny_model()
+    ref = copy.deepcopy(model)
+    method = create_method("mla", project=False)
+    _run(method, model, batches)
+    P = _released_training(ref, batches, 0.5, intended=False)
+    assert torch.equal(P, torch.eye(2))                   # the released branch never fired
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert create_method("mla").project is True           # the paper's projection is the default
+
+
+def test_the_first_step_of_the_run_is_projected_unlike_the_released_branch():
+    batches = _two_batches()[:1]
+    model = _tiny_model()
+    _run(create_method("mla"), model, batches)
+    projected, skipped = copy.deepcopy(_tiny_model()), copy.deepcopy(_tiny_model())
+    _released_training(projected, batches, 0.5, intended=True, exp_count=1)
+    _released_training(skipped, batches, 0.5, intended=True, exp_count=0)    # utils.py line 29
+    head = model.head.linears[0].weight
+    torch.testing.assert_close(head, projected.head.linears[0].weight, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(head, skipped.head.linears[0].weight, atol=1e-4)

@@ -1,5 +1,7 @@
-"""OGM-GE (mie.methods.ogm_ge) against hand computations: scores, ratio, coefficient, which encoder is
-scaled, the GE noise, the modulation window, m >= 3, and a run through the real loop."""
+"""OGM-GE (mie.methods.ogm_ge): parity of its real training_step with a transcription of the
+authors' released step (GeWu-Lab/OGM-GE_CVPR2022 main.py), then hand computations of the scores,
+ratio, coefficient, which tensors are modulated, the GE noise, the window, m >= 3, the notices,
+and a run through the real loop."""
 import copy
 import math
 
@@ -21,6 +23,135 @@ K = 3
 ALPHA = 0.8
 
 
+# ---- parity with the authors' released code -------------------------------------------------------
+D = 4
+
+
+def _conv_model(seed=0):
+    """Two encoders shaped like the authors' ResNet18 in miniature — 4-D conv kernels (one with a
+    bias), BatchNorm, global pooling, no Linear — and one-Linear heads: the per-modality parts
+    out_a, out_v of their fusion layer."""
+    torch.manual_seed(seed)
+
+    def encoder():
+        return nn.Sequential(nn.Conv2d(1, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(),
+                             nn.Conv2d(D, D, 3, padding=1, bias=False), nn.BatchNorm2d(D), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return LateFusionModel({"a": encoder(), "v": encoder()}, {m: ClassifierHead(D, K, hidden=()) for m in "av"})
+
+
+def _conv_batches(count=4, n=16, seed=2):
+    """Mini-batches whose audio carries the label (a mean shift) and whose video is noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        y = torch.randint(0, K, (n,), generator=g)
+        xs = {"a": torch.randn(n, 1, 5, 5, generator=g) + 1.5 * y.view(-1, 1, 1, 1).float(),
+              "v": torch.randn(n, 1, 5, 5, generator=g)}
+        out.append((xs, y))
+    return out
+
+
+def _sgd(params):
+    # GeWu-Lab/OGM-GE_CVPR2022 main.py line 246: SGD, momentum 0.9, weight decay 1e-4 (a larger lr here)
+    return torch.optim.SGD(list(params), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+# GeWu-Lab/OGM-GE_CVPR2022 main.py line 77-153 (train_epoch, one mini-batch), transcribed for a model
+# whose modalities are "a" (their audio_net) and "v" (their visual_net). The GE noise draws from
+# ``gen`` (theirs: torch's global generator) so that it can be compared draw for draw.
+def _released_ogm_step(model, optimizer, xs, y, epoch, alpha, modulation="OGM_GE", starts=0, ends=50, gen=None):
+    softmax, relu, tanh = nn.Softmax(dim=1), nn.ReLU(inplace=True), nn.Tanh()
+    optimizer.zero_grad()
+    out_a = model.heads["a"](model.encoders["a"](xs["a"]))
+    out_v = model.heads["v"](model.encoders["v"](xs["v"]))
+    out = out_a + out_v
+    loss = nn.CrossEntropyLoss()(out, y)
+    loss.backward()
+    score_v = sum([softmax(out_v)[i][y[i]] for i in range(out_v.size(0))])
+    score_a = sum([softmax(out_a)[i][y[i]] for i in range(out_a.size(0))])
+    ratio_v = score_v / score_a
+    ratio_a = 1 / ratio_v
+    if ratio_v > 1:
+        coeff_v = 1 - tanh(alpha * relu(ratio_v))
+        coeff_a = 1
+    else:
+        coeff_a = 1 - tanh(alpha * relu(ratio_a))
+        coeff_v = 1
+    if starts <= epoch <= ends:
+        for name, parms in model.named_parameters():
+            layer = str(name).split('.')[1]
+            for modality, coeff in (("a", coeff_a), ("v", coeff_v)):
+                if name.startswith("encoders.") and layer == modality and len(parms.grad.size()) == 4:
+                    if modulation == "OGM_GE":
+                        parms.grad = parms.grad * coeff + \
+                            torch.zeros_like(parms.grad).normal_(0, parms.grad.std().item() + 1e-8, generator=gen)
+                    elif modulation == "OGM":
+                        parms.grad *= coeff
+    optimizer.step()
+    return tuple(float(torch.as_tensor(c).detach()) for c in (coeff_a, coeff_v))
+
+
+def _run_against_released(name, epochs=(0, 1, 50, 51), **params):
+    """Train our ``name`` and the transcription side by side; returns the max |difference| of the
+    model states after each step, and our logs."""
+    ours, theirs = _conv_model(), _conv_model()
+    method = create_method(name, alpha=ALPHA, **params)
+    method.setup(ours, make_context(["a", "v"], make_optimizer=lambda p, lr=None: _sgd(p), epochs_per_modality=100))
+    method.generator.manual_seed(7)
+    gen = torch.Generator().manual_seed(7)
+    optimizer = _sgd(theirs.parameters())
+    modulation = "OGM_GE" if method.ge != "off" else "OGM"
+    diffs, logs, coeffs = [], [], []
+    for epoch, (xs, y) in zip(epochs, _conv_batches(len(epochs))):
+        logs.append({k: float(v) for k, v in method.training_step(Batch(xs, y), make_step(epoch)).items()})
+        coeffs.append(_released_ogm_step(theirs, optimizer, xs, y, epoch, ALPHA, modulation, gen=gen))
+        a, b = ours.state_dict(), theirs.state_dict()
+        diffs.append(max((a[k].double() - b[k].double()).abs().max().item() for k in a))
+    return diffs, logs, coeffs
+
+
+# GeWu-Lab/OGM-GE_CVPR2022 main.py line 95-153: the defaults of ogm_ge (--modulation OGM_GE, main.py
+# line 23) and of ogm (--modulation OGM) against the released step: k = 1 − tanh(α·ρ) (main.py
+# line 119-124), only the 4-D conv kernels (main.py line 136, 143), the noise's std that of the
+# unscaled gradient (main.py line 138-139), the window 0 <= epoch <= 50 (main.py line 41-42, 132).
+@pytest.mark.parametrize("name", ["ogm_ge", "ogm"])
+def test_parity_with_the_released_ogm_ge_step(name):
+    diffs, logs, coeffs = _run_against_released(name)
+    assert max(diffs) < 1e-6, diffs
+    first = logs[0]
+    assert min(first["ogm_coeff_a"], first["ogm_coeff_v"]) < 0.5                 # the step did modulate
+    assert (first["ogm_coeff_a"], first["ogm_coeff_v"]) == pytest.approx(coeffs[0], rel=1e-6)
+    assert logs[2]["ogm_coeff_a"] < 1.0 or logs[2]["ogm_coeff_v"] < 1.0          # epoch 50: inside
+    assert logs[3]["ogm_coeff_a"] == logs[3]["ogm_coeff_v"] == 1.0               # epoch 51: outside
+
+
+# GeWu-Lab/OGM-GE_CVPR2022 main.py line 119-148: each former default of ours breaks the parity above —
+# relu(ρ − 1) instead of ρ, BatchNorm and bias tensors modulated too, modulation past epoch 50.
+@pytest.mark.parametrize("former", [{"ratio_offset": 1.0}, {"scope": "encoder"}, {"modulation_ends": None}])
+def test_the_former_defaults_do_not_match_the_released_step(former):
+    diffs, _, _ = _run_against_released("ogm_ge", **former)
+    assert max(diffs) > 1e-3
+
+
+# GeWu-Lab/OGM-GE_CVPR2022 main.py line 111-124 (eq. 10 quoted): paper and code agree on 1 − tanh(α·ρ)
+# for ρ > 1; ratio_offset=1, 1 − tanh(α·(ρ − 1)), is ours and opt-in (at α = 0.8, ρ = 1.3: 0.77 vs 0.22).
+def test_coefficient_is_eq_10_by_default_and_the_continuous_form_is_opt_in():
+    assert OGMGE.params["ratio_offset"].default == 0.0
+    k = ogm_coefficients({"a": 1.3, "v": 1 / 1.3}, alpha=0.8)
+    assert k["a"] == pytest.approx(1 - math.tanh(0.8 * 1.3)) and k["a"] == pytest.approx(0.2222, abs=1e-4)
+    assert k["v"] == 1.0
+    ours = ogm_coefficients({"a": 1.3, "v": 1 / 1.3}, alpha=0.8, ratio_offset=1.0)
+    assert ours["a"] == pytest.approx(1 - math.tanh(0.8 * 0.3)) and ours["a"] == pytest.approx(0.7645, abs=1e-4)
+
+
+# GeWu-Lab/OGM-GE_CVPR2022 main.py line 119-124: at ρ = 1 exactly the code's else-branch scales the audio
+# encoder by 1 − tanh(α); eq. 10 (main.py line 111-117) gives k = 1 for ρ <= 1, which we follow.
+def test_a_tie_is_not_modulated_as_in_eq_10():
+    assert ogm_coefficients({"a": 1.0, "v": 1.0}, alpha=0.8) == {"a": 1.0, "v": 1.0}
+
+
+# ---- hand computations on Linear encoders ---------------------------------------------------------
 def _model(strong, mods=("a", "v"), d_in=K, d=K, seed=0):
     """Linear encoders and one-Linear heads; modality ``strong`` is built to predict the label
     (its first K features pass through the encoder, its head is 3·I on them), the others are
@@ -85,27 +216,25 @@ def _hand_ratio(model, xs, y):
 
 
 @pytest.mark.parametrize("strong", ["a", "v"])
-def test_dominant_encoder_gradient_is_scaled_by_hand_coefficient(strong):
+def test_dominant_encoder_weight_gradient_is_scaled_by_hand_coefficient(strong):
     model = _model(strong)
     xs, y = _batch(strong)
     s = _hand_ratio(model, xs, y)
     weak = "v" if strong == "a" else "a"
     rho = s[strong] / s[weak]
     assert rho > 1.5                                            # the construction makes `strong` dominant
-    k = 1 - math.tanh(ALPHA * (rho - 1))
-    assert abs(k - (1 - math.tanh(ALPHA * rho))) > 0.05        # relu(ρ) instead of relu(ρ−1) would differ
-    assert abs(k - (1 + math.tanh(ALPHA * (rho - 1)))) > 0.05  # and so would a flipped sign
+    k = 1 - math.tanh(ALPHA * rho)                              # eq. 10
+    assert abs(k - (1 - math.tanh(ALPHA * (rho - 1)))) > 0.05  # relu(ρ − 1) would differ
 
     raw = _raw_grads(model, xs, y)
     method = _method(model, alpha=ALPHA, ge="off")
     logs = _train(method, xs, y)
 
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    for name, g in grads.items():
-        if name.startswith(f"encoders.{strong}."):
-            torch.testing.assert_close(g, k * raw[name])        # the dominant ENCODER is scaled by k
+    for name, p in model.named_parameters():
+        if name == f"encoders.{strong}.weight":
+            torch.testing.assert_close(p.grad, k * raw[name])   # the dominant encoder's WEIGHT is scaled by k
         else:
-            torch.testing.assert_close(g, raw[name])            # weak encoder and both heads untouched
+            torch.testing.assert_close(p.grad, raw[name])       # its bias, the weak encoder and the heads: not
     assert logs[f"ogm_coeff_{strong}"] == pytest.approx(k)
     assert logs[f"ogm_coeff_{weak}"] == 1.0
     assert logs[f"ogm_ratio_{strong}"] == pytest.approx(rho)
@@ -114,17 +243,21 @@ def test_dominant_encoder_gradient_is_scaled_by_hand_coefficient(strong):
     assert logs["loss"] == pytest.approx(expected_loss.item())
 
 
-def test_ratio_offset_zero_is_the_released_codes_relu_rho():
+@pytest.mark.parametrize("scope,scaled", [("encoder_weights", {"encoders.a.weight"}),
+                                          ("encoder", {"encoders.a.weight", "encoders.a.bias"}),
+                                          ("encoder_4d", set())])
+def test_scope_selects_the_tensors(scope, scaled):
     model = _model("a")
     xs, y = _batch("a")
     s = _hand_ratio(model, xs, y)
-    rho = s["a"] / s["v"]
+    k = 1 - math.tanh(ALPHA * s["a"] / s["v"])
     raw = _raw_grads(model, xs, y)
-    method = _method(model, alpha=ALPHA, ge="off", ratio_offset=0.0)
-    logs = _train(method, xs, y)
-    k = 1 - math.tanh(ALPHA * rho)
-    assert logs["ogm_coeff_a"] == pytest.approx(k)
-    torch.testing.assert_close(model.encoders["a"].weight.grad, k * raw["encoders.a.weight"])
+    method = _method(model, alpha=ALPHA, ge="off", scope=scope)
+    _train(method, xs, y)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, (k if name in scaled else 1.0) * raw[name])
+    notes = method.notices()
+    assert any("selects no tensor of modality a's encoder" in n for n in notes) is (scope == "encoder_4d")
 
 
 def test_scores_ratios_coefficients_by_hand():
@@ -137,9 +270,8 @@ def test_scores_ratios_coefficients_by_hand():
     r = discrepancy_ratios(s)
     assert r["a"] == pytest.approx(ea / (2 / 3)) and r["v"] == pytest.approx((2 / 3) / ea)
     k = ogm_coefficients({"a": 2.0, "v": 0.5}, alpha=0.8)
-    assert k == {"a": pytest.approx(1 - math.tanh(0.8)), "v": 1.0}
-    assert ogm_coefficients({"a": 1.0, "v": 1.0}, alpha=0.8) == {"a": 1.0, "v": 1.0}   # balanced: no change
-    assert ogm_coefficients({"a": 2.0}, alpha=0.8, ratio_offset=0.0)["a"] == pytest.approx(1 - math.tanh(1.6))
+    assert k == {"a": pytest.approx(1 - math.tanh(1.6)), "v": 1.0}
+    assert ogm_coefficients({"a": 2.0}, alpha=0.8, ratio_offset=1.0)["a"] == pytest.approx(1 - math.tanh(0.8))
 
 
 def test_three_modalities_ratio_to_mean_of_the_others():
@@ -147,7 +279,7 @@ def test_three_modalities_ratio_to_mean_of_the_others():
     r = discrepancy_ratios(s)
     assert r == {"a": pytest.approx(3 / 1.5), "b": pytest.approx(2 / 2), "c": pytest.approx(1 / 2.5)}
     k = ogm_coefficients(r, alpha=0.5)
-    assert k == {"a": pytest.approx(1 - math.tanh(0.5)), "b": 1.0, "c": 1.0}
+    assert k == {"a": pytest.approx(1 - math.tanh(1.0)), "b": 1.0, "c": 1.0}
 
     mods = ("a", "b", "c")
     model = _model("b", mods)
@@ -156,10 +288,10 @@ def test_three_modalities_ratio_to_mean_of_the_others():
     rho_b = sc["b"] / ((sc["a"] + sc["c"]) / 2)
     raw = _raw_grads(model, xs, y)
     logs = _train(_method(model, alpha=ALPHA, ge="off"), xs, y)
-    kb = 1 - math.tanh(ALPHA * (rho_b - 1))
+    kb = 1 - math.tanh(ALPHA * rho_b)
     assert logs["ogm_coeff_b"] == pytest.approx(kb)
     for name, p in model.named_parameters():
-        scale = kb if name.startswith("encoders.b.") else 1.0
+        scale = kb if name == "encoders.b.weight" else 1.0
         torch.testing.assert_close(p.grad, scale * raw[name])
 
 
@@ -167,18 +299,18 @@ def test_ge_noise_recomputed_with_the_same_seed():
     model = _model("a")
     xs, y = _batch("a")
     s = _hand_ratio(model, xs, y)
-    k = {"a": 1 - math.tanh(ALPHA * (s["a"] / s["v"] - 1)), "v": 1.0}
+    k = {"a": 1 - math.tanh(ALPHA * s["a"] / s["v"]), "v": 1.0}
     raw = _raw_grads(model, xs, y)
     method = _method(model, alpha=ALPHA, ge="all")
     method.generator.manual_seed(123)
     _train(method, xs, y)
 
     g = torch.Generator().manual_seed(123)
-    for m in ("a", "v"):                                   # noise on every encoder, in model order
-        for pname, p in model.encoders[m].named_parameters():
-            r = raw[f"encoders.{m}.{pname}"]
-            noise = torch.randn(r.shape, generator=g, dtype=torch.float32) * (r.float().std() + 1e-8)
-            torch.testing.assert_close(p.grad, k[m] * r + noise.double(), rtol=1e-5, atol=1e-7)
+    for m in ("a", "v"):                                   # noise on every encoder's weight, in model order
+        r = raw[f"encoders.{m}.weight"]
+        noise = torch.randn(r.shape, generator=g, dtype=torch.float32) * (r.float().std() + 1e-8)
+        torch.testing.assert_close(model.encoders[m].weight.grad, k[m] * r + noise.double(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(model.encoders[m].bias.grad, raw[f"encoders.{m}.bias"])   # 1-D: untouched
     for name, p in model.heads.named_parameters():          # heads: no scaling, no noise
         torch.testing.assert_close(p.grad, raw[f"heads.{name}"])
 
@@ -190,7 +322,7 @@ def test_ge_noise_std_matches_the_unscaled_gradient_std(ge):
     xs, y = _batch("a", n=32, d_in=d_in)
     s = _hand_ratio(model, xs, y)
     assert s["a"] > s["v"]
-    k = 1 - math.tanh(ALPHA * (s["a"] / s["v"] - 1))
+    k = 1 - math.tanh(ALPHA * s["a"] / s["v"])
     raw = _raw_grads(model, xs, y)
     _train(_method(model, alpha=ALPHA, ge=ge), xs, y)
 
@@ -198,8 +330,7 @@ def test_ge_noise_std_matches_the_unscaled_gradient_std(ge):
     noise = model.encoders["a"].weight.grad - k * r
     assert noise.std().item() == pytest.approx(r.std().item(), rel=0.08)   # std of the UNSCALED gradient
     assert abs(noise.mean().item()) < 0.1 * r.std().item()
-    if k < 0.9:                                             # ≠ std of the scaled gradient
-        assert abs(noise.std().item() - k * r.std().item()) > 0.08 * r.std().item()
+    assert abs(noise.std().item() - k * r.std().item()) > 0.08 * r.std().item()   # ≠ std of the scaled one
     weak = model.encoders["v"].weight.grad - raw["encoders.v.weight"]
     if ge == "all":
         assert weak.std().item() == pytest.approx(raw["encoders.v.weight"].std().item(), rel=0.08)
@@ -219,11 +350,30 @@ def test_modulation_only_inside_the_window():
         assert (logs["ogm_coeff_a"] < 1.0) is inside
 
 
+def test_default_window_is_the_released_codes_epochs_0_to_50():
+    method = create_method("ogm_ge")
+    assert (method.modulation_starts, method.modulation_ends) == (0, 51)
+    assert [method.active(make_step(e)) for e in (0, 50, 51)] == [True, True, False]
+
+
+def test_notices_say_when_the_window_misses_part_or_all_of_the_run():
+    def notes(epochs, **kw):
+        method = create_method("ogm_ge", **kw)
+        method.setup(_model("a"), _ctx(["a", "v"], epochs=epochs))
+        return method.notices()
+    assert notes(10) == []                                             # epochs 0-9 lie inside 0-50
+    assert notes(100) == ["OGM acts in loop epochs 0-50 only, of 0-99"]
+    assert notes(5, modulation_starts=8, modulation_ends=None) == [
+        "OGM never acts: its window starts at loop epoch 8, the run has epochs 0-4; this run is plain joint training"]
+
+
 def test_invalid_settings_and_one_modality_are_refused():
     with pytest.raises(MieInputError, match="alpha must be a number >= 0"):
         create_method("ogm_ge", alpha=-1)
     with pytest.raises(MieInputError, match="ge must be one of"):
         create_method("ogm_ge", ge="sometimes")
+    with pytest.raises(MieInputError, match="scope must be one of"):
+        create_method("ogm_ge", scope="heads")
     with pytest.raises(MieInputError, match="fusion must be one of"):
         create_method("ogm_ge", fusion="max")
     with pytest.raises(MieInputError, match="modulation_ends must be"):
@@ -269,6 +419,12 @@ def test_state_dict_restores_optimizer_and_generator():
     assert set(state) == {"optimizer", "generator"}
 
 
+def test_setup_draws_nothing_from_the_global_generator():
+    state = torch.get_rng_state()
+    _method(_model("a"))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def _arrays(n=90, seed=0):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % K
@@ -288,3 +444,4 @@ def test_runs_through_the_loop_and_logs_coefficients(monkeypatch):
     assert min(rows[0]["ogm_coeff_a"], rows[0]["ogm_coeff_b"]) < 1.0
     assert rows[1]["ogm_coeff_a"] == rows[1]["ogm_coeff_b"] == 1.0          # epoch 1 is past modulation_ends
     assert set(result["test"]["per_modality"]) == {"a", "b"}
+    assert result["notices"] == ["ogm_ge: OGM acts in loop epochs 0-0 only, of 0-1"]

@@ -32,7 +32,8 @@ CASES = [(name, PARAMS.get(name, {})) for name in METHODS] + [("mie", {"alternat
 @pytest.mark.parametrize("method, params", CASES, ids=[f"{m}-{'-'.join(p)}" if p else m for m, p in CASES])
 def test_resumed_run_matches_uninterrupted_run(tmp_path, method, params):
     """For every registered method: optimizers, method state and RNG streams survive a restart."""
-    shapes = {"unimodal": {"a": (8,)}, "pmr": {"a": (8,), "b": (5,)}}.get(method, {"a": (8,), "b": (5,), "c": (3,)})
+    two = {"a": (8,), "b": (5,)}
+    shapes = {"unimodal": {"a": (8,)}, "pmr": two, "pmr_per": two}.get(method, {"a": (8,), "b": (5,), "c": (3,)})
     x, y = make_arrays(n=90, shapes=shapes)
     data = mie.MultimodalArrays(x, y)
     whole = mie.fit(data, method, config=CONFIG, out_dir=tmp_path / "whole", seed=3, progress=False, **params)

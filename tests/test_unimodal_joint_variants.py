@@ -1,5 +1,7 @@
 """Unimodal training (mie.methods.unimodal) and joint training's fusion variants (mie.methods.joint):
-losses, gradients and predictions against hand computations, the one-modality check, and the loop."""
+losses, gradients and predictions against hand computations, the one-modality check, the loop, and
+the one joint baseline: OGM-GE, OGM, OPM and OPM+OGM with their modulation off train exactly like
+``joint`` (its late fusion is the sum of the per-modality logits)."""
 import copy
 
 import numpy as np
@@ -81,8 +83,10 @@ def test_unimodal_step_and_prediction_by_hand():
     torch.testing.assert_close(fused, per["b"])
 
 
-# ---- joint: default unchanged -------------------------------------------------------------------
-def test_joint_default_is_late_fusion_of_mean_logits():
+# ---- joint: late fusion is the SUM of the per-modality logits -----------------------------------
+# GeWu-Lab/OGM-GE_CVPR2022 main.py line 88-93: the authors' concatenation layer decomposes as
+# out = out_a + out_v (models/fusion_modules.py line 12: their sum fusion is fc_x(x) + fc_y(y)).
+def test_joint_default_is_late_fusion_of_summed_logits():
     method = Joint()
     model = method.build_model(_spec())
     assert isinstance(model, LateFusionModel) and method.fusion == "model" and method.feature_fusion == "late"
@@ -90,11 +94,67 @@ def test_joint_default_is_late_fusion_of_mean_logits():
     method.setup(model, _ctx(["a", "b"]))
     xs, y = _batch()
 
-    def mean_loss(m):
-        return F.cross_entropy((m.heads["a"](m.encoders["a"](xs["a"])) + m.heads["b"](m.encoders["b"](xs["b"]))) / 2, y)
-    loss, grads = _grads_of(model, mean_loss)
+    def sum_loss(m):
+        return F.cross_entropy(m.heads["a"](m.encoders["a"](xs["a"])) + m.heads["b"](m.encoders["b"](xs["b"])), y)
+    loss, grads = _grads_of(model, sum_loss)
     assert method.training_step((xs, y), make_step())["loss"] == pytest.approx(loss)
     _assert_grads(model, grads)
+    model.eval()
+    fused, _ = method.predict(xs)
+    with torch.no_grad():
+        z = model.heads["a"](model.encoders["a"](xs["a"])) + model.heads["b"](model.encoders["b"](xs["b"]))
+    torch.testing.assert_close(fused.double(), F.softmax(z, dim=-1), rtol=1e-5, atol=1e-6)
+
+
+# ---- one joint baseline: the modulation methods with their modulation off ARE joint --------------
+OFF = {"ogm_ge": {"alpha": 0.0, "ge": "off"}, "ogm": {"alpha": 0.0},
+       "opm": {"p_exe": 0.0, "modulation_starts": 0},
+       "opm_ogm": {"p_exe": 0.0, "alpha": 0.0, "ge": "off", "modulation_starts": 0}}
+
+
+def _sgd(params, lr=None):
+    return torch.optim.SGD(list(params), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(OFF))
+def test_modulation_off_trains_exactly_like_joint(name):
+    """Same initial model, same seed, a few real training steps (dropout on): the same parameters."""
+    mods = ("a", "b")
+    states = {}
+    for which in ("joint", name):
+        method = mie.methods.create_method(which, **(OFF[name] if which == name else {}))
+        torch.manual_seed(0)
+        model = method.build_model(_spec()).double().train()
+        method.setup(model, make_context(mods, make_optimizer=_sgd, epochs_per_modality=3))
+        torch.manual_seed(1)                                   # the dropout masks of the steps below
+        for step in range(4):
+            xs, y = _batch(seed=10 + step)
+            method.training_step(mie.methods.Batch(xs, y), make_step(epoch=step))
+        states[which] = copy.deepcopy(model.state_dict())
+    assert states["joint"].keys() == states[name].keys()
+    for key, value in states["joint"].items():
+        assert torch.equal(value, states[name][key]), key
+    first = states["joint"]["heads.a.net.0.weight"]
+    torch.manual_seed(0)
+    assert not torch.equal(first, Joint().build_model(_spec()).double().state_dict()["heads.a.net.0.weight"])
+
+
+@pytest.mark.parametrize("name", sorted(OFF))
+def test_modulation_off_runs_exactly_like_joint_through_the_loop(name, tmp_path):
+    """The loop's whole run (shuffling, dropout, evaluation, model selection): the same history and result."""
+    runs = {}
+    for which in ("joint", name):
+        rows = []
+        result = mie.fit(_arrays(), method=which, config=CONFIG, epochs=3, seed=0, progress=False,
+                         out_dir=tmp_path / which, callbacks=[lambda epoch, row: rows.append(row)],
+                         **(OFF[name] if which == name else {}))
+        last = torch.load(tmp_path / which / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+        runs[which] = (result, rows, last["model"])
+    (joint, joint_rows, joint_model), (other, other_rows, other_model) = runs["joint"], runs[name]
+    assert other["test"] == joint["test"] and other["val"] == joint["val"]
+    assert [r["loss"] for r in other_rows] == [r["loss"] for r in joint_rows]
+    for key, value in joint_model.items():
+        assert torch.equal(value, other_model[key]), key
 
 
 # ---- joint: concat / sum with one shared head -----------------------------------------------------

@@ -19,7 +19,7 @@ from .unimodal import Unimodal
 
 # name → (class, fixed hyper-parameters, one-line description)
 METHODS = {
-    "joint": (Joint, {}, "joint training, late fusion of logits, one cross-entropy"),
+    "joint": (Joint, {}, "joint training, late fusion: one cross-entropy on the sum of the per-modality logits"),
     "joint_concat": (Joint, {"feature_fusion": "concat"}, "joint training, concatenated features → one shared head"),
     "joint_sum": (Joint, {"feature_fusion": "sum"}, "joint training, summed features → one shared head"),
     "unimodal": (Unimodal, {}, "one modality alone (pass --modalities NAME)"),
@@ -29,19 +29,23 @@ METHODS = {
     "mie_released": (MIE, {"objective": "released"}, "MIE trained on the released code's objective: mixup CE + "
                                                       "clean-label CE (opt-in; the default is the paper's objective)"),
     "alternating": (MIE, {"sam": False, "gm": False}, "plain alternating unimodal training (no SAM, no GM)"),
-    "ogm_ge": (OGMGE, {}, "OGM-GE: dominant encoder's gradients × (1−tanh(α·relu(ρ−1))) + Gaussian noise"),
+    "ogm_ge": (OGMGE, {}, "OGM-GE: dominant encoder's weight gradients × (1 − tanh(α·ρ)) for ρ > 1, + Gaussian noise (GE)"),
     "ogm": (OGMGE, {"ge": "off"}, "OGM: gradient modulation without the GE noise"),
     "opm": (OPM, {}, "OPM: drop the dominant modality's features with probability q in the forward pass"),
     "opm_ogm": (OPMOGM, {}, "OPM + OGM-GE together (Wei et al. TPAMI'24)"),
     "mla": (MLA, {}, "MLA: shared head, per-batch alternation, OWM projection of head gradients, entropy fusion"),
     "agm": (AGM, {}, "AGM: Shapley mono-modal responses, adaptive per-modality gradient scaling"),
-    "pmr": (PMR, {}, "PMR: class prototypes, prototype loss for the slower modality (2 modalities)"),
+    "pmr": (PMR, {}, "PMR: class prototypes, α × prototype loss for the slower modality, concat fusion (2 modalities)"),
+    "pmr_per": (PMR, {"rule": "clip", "per": True}, "PMR with the weight α·clip(ρ−1, 0, 1) and the prototypical entropy "
+                                                    "regularisation of the faster modality (ours, after BalanceBenchmark)"),
     "mslr": (MSLR, {}, "MSLR: additive late fusion, one learning rate per modality set from its validation accuracy"),
     "mses": (MSES, {}, "MSES: unimodal + fused heads; a modality stops training after `patience` epochs without "
                        "validation improvement"),
     "ogr_gb": (GradientBlending, {}, "OGR-GB: Σ_k w_k·CE over unimodal and fused heads, w_k ∝ ΔG_k/ΔO_k²"),
-    "greedy": (Greedy, {}, "Greedy (Wu et al. ICML'22): conditional learning speed, re-balancing steps on the slower branch"),
-    "domfn": (DOMFN, {}, "DOMFN (Yang et al. MM'22): fuse a sample only when the unimodal predictions agree"),
+    "greedy": (Greedy, {}, "Greedy (Wu et al. ICML'22): conditional learning speed; re-balancing steps replace the "
+                           "slower branch's excitation by its running mean"),
+    "domfn": (DOMFN, {}, "DOMFN (Yang et al. MM'22): fuse a sample only when no unimodal prediction diverges from "
+                         "the fused one (2 modalities) or the mean one (3+), as the authors' two codes"),
 }
 
 

@@ -47,39 +47,58 @@ over all normal steps so far, M_main_k = Σ_{i≤t} μ(θ_k; i), M_bypass_k = Σ
 A large s(m_1|m_0) means branch 0 learns from m_1 faster than from its own modality m_0: m_0 is the
 slower-to-learn modality.
 
-Balanced multi-modal learning (the paper's Algorithm 1, as ``Bias_Mitigation_Strong``). Steps
-alternate between normal steps and re-balancing steps:
+Balanced multi-modal learning (the paper's Algorithm 1, as the released callback
+``Bias_Mitigation_Strong`` and model ``MMTM_mitigate`` run it). Steps alternate between normal
+steps and re-balancing steps; every training forward first folds the batch-mean excitations into
+their running means (``balanced_mmtm.py`` lines 113-116, before line 141/150 uses them):
 
+    every step:   Ē_k ← (Ē_k·n + mean_batch E_k)/(n + 1) for every k,  n ← n + 1
     normal step:  L.backward(); update M_main, M_bypass; d = d_speed;
                   if epoch ≥ warmup_epochs and |d| > α:
                       k ← m_0 if d > 0 else m_1     (the slower modality)
                       the next Q (``window``) steps are re-balancing steps for k
                   optimizer step on every parameter
-    re-balancing step for k:  ŷ''_k = h_k(φ_k(x_k) ⊙ Ē_k),  L'' = CE(ŷ''_k, y)
-                  Ē_k = running mean of the batch-mean excitation E_k over the normal steps
-                  (the released ``running_avg_weight``); branch k sees only its own modality,
-                  and only θ_k = φ_k ∪ h_k receives gradients and is updated.
+    re-balancing step for k (``rebalance="mean_excitation"``, the default):
+                  ŷ_k = h_k(u_k ⊙ Ē_k)  (Ē_k detached: branch k no longer hears the others),
+                  ŷ_j = h_j(u_j ⊙ E_j) for j ≠ k, L = Σ_j CE(ŷ_j, y) as in a normal step, and the
+                  optimizer steps every parameter (W_k gets no gradient this step, so the optimizer
+                  skips it; the released ``zero_grad`` leaves it a zero gradient, the same with
+                  its SGD without momentum or weight decay, ``configs/training_guided.gin`` lines 8-9).
 
-M_main and M_bypass are not updated in re-balancing steps (as in the released code).
+M_main and M_bypass are updated in normal steps only, warm-up steps included; a re-balancing step
+only counts down its window (``callbacks.py`` lines 240-263): the trigger is checked after the
+backward of a normal step, so the Q steps after it re-balance and the step after those is normal.
+
+``rebalance="branch_only"`` (ours, opt-in): a re-balancing step for k computes only
+ŷ''_k = h_k(φ_k(x_k) ⊙ Ē_k), L'' = CE(ŷ''_k, y), and updates θ_k = φ_k ∪ h_k alone; Ē is then
+fed by normal steps only. This was ``mie``'s default before it was checked against the released
+code. M_main and M_bypass are cumulative and move only in normal steps, so |d| > α usually still
+holds when a window ends and the trigger fires again at once; this form then updates the other
+branches and the fusion layer in only one step of every Q + 1.
+
+Paper versus code: the text of the paper's Algorithm 1 was not at hand when this file was checked
+against the released code, so whether its prose describes the branch-only step is unverified; the
+default follows the released code, whose re-balancing step keeps the summed loss and steps every
+parameter (as GeWu-Lab/BalanceBenchmark's ``Greedy_trainer.py`` also does).
 
 What is kept and what is adapted:
   * kept: the branch-per-modality model with averaged branch logits and the summed branch
     losses; the MMTM squeeze–excitation fusion (sigmoid excitation, shared squeeze layer, width
     2·(Σ dims)/ratio, ratio = 4); μ as ratio of summed squared norms per group; the cumulative
     sums and log10; the trigger |d| > α after the backward of a normal step, Q following
-    re-balancing steps; the slower modality's excitation replaced by its running mean.
+    re-balancing steps; the slower modality's excitation replaced by its running mean, the
+    running mean updated in every training forward before it is used.
   * adapted: the paper inserts MMTM after ResNet stages 2, 3 and 4; ``mie``'s encoders are black
     boxes, so ONE fusion layer acts on the encoder outputs (where the paper's last MMTM sits,
     before the heads; for vector features the squeeze's spatial mean is the identity). The
     bypass group is that one layer.
-  * adapted: in a re-balancing step only the slower branch is updated, on its own cross-entropy
-    (the paper's description and this library's brief); the released callback instead keeps the
-    summed loss of both branches and steps every parameter while the slower branch's excitation is
-    replaced by its running mean.
-  * fixed bugs of the released code: its running mean of the second modality's excitation is fed
-    with the FIRST modality's excitation (``running_avg_weight_skeleton`` ← ``vis_out``), and the
-    running means also absorb evaluation passes; here Ē_k is the mean of E_k over training
-    (normal) steps only.
+  * released-code bugs not reproduced: (1) the running mean of the second modality's excitation
+    is fed with the FIRST modality's excitation (``balanced_mmtm.py`` line 114:
+    ``running_avg_weight_skeleton`` ← ``vis_out``; it is also sized ``dim_visual``, line 31), so a
+    re-balancing step for m_1 scaled m_1's features by m_0's mean excitation; here Ē_k is the mean
+    of E_k. (2) The running means there also absorb every validation and TEST forward (the
+    module updates them in any forward, ``framework.py`` lines 330-332 run val and test after
+    each epoch), which would let test data steer training; here only training forwards count.
   * u is measured on validation every epoch (the paper measures it once, on test, after training).
   * the per-modality prediction reported by ``mie`` (``val_acc_<m>``) is ŷ'_k, the uni-modal DNN.
 
@@ -87,11 +106,14 @@ Inference (``fusion``): "model" (default) predicts softmax(ŷ), the model's own 
 "average" and "weight" fuse the BRANCH predictions softmax(ŷ_k) (``mie.models.fusion``). Modality
 k's own prediction is softmax(ŷ'_k) under every rule.
 
-Defaults and their sources: α = 0.01 (``Bias_Mitigation_Strong.epsilon`` in
-``configs/training_guided.gin``; BalanceBenchmark uses 0.001), Q = 5
-(``curation_windowsize``; BalanceBenchmark ``window_size: 5``), warmup_epochs = 1
-(``starting_epoch=2`` with the released loop's 1-based epochs: re-balancing starts in the second
-epoch; BalanceBenchmark starts at once), ratio = 4 (``MMTM(128, 128, 4)``).
+Defaults and their sources (nyukat/greedy_multimodal_learning): α = 0.01
+(``Bias_Mitigation_Strong.epsilon``, ``configs/training_guided.gin`` line 14; BalanceBenchmark
+uses 0.001), Q = 5 (``curation_windowsize``, line 15; BalanceBenchmark ``window_size: 5``),
+warmup_epochs = 1 (``starting_epoch=2``, line 16, compared with the released loop's 1-based
+epochs, ``framework.py`` line 293 and ``callbacks.py`` line 266: re-balancing may start in the
+second epoch; BalanceBenchmark starts at once), ratio = 4 (``MMTM(128, 128, 4)``, ``model.py``
+line 58), rebalance = "mean_excitation" (``balanced_mmtm.py`` lines 128-152 with
+``callbacks.py`` lines 240-263).
 
 Three or more modalities. Every quantity above is per branch: u(others|k) compares f with the
 branch k cut from all the others, s(others|k) the bypass of branch k with its main path. ``mie``
@@ -123,7 +145,7 @@ class GreedyModel(LateFusionModel):
     ``forward_modality(k, x_k)`` → ŷ'_k, the uni-modal DNN.
 
     Buffers (saved with the model, so checkpoints and ``mie eval`` carry them): ``excite_mean``
-    (M, d): Ē_k, ``excite_count``: normal steps averaged into it, ``squeeze_mean`` (M, d): ū_k.
+    (M, d): Ē_k, ``excite_count``: training steps averaged into it, ``squeeze_mean`` (M, d): ū_k.
     """
 
     def __init__(self, encoders, heads, dim, ratio=4):
@@ -168,8 +190,14 @@ class GreedyModel(LateFusionModel):
     def forward_modality(self, m, x):
         return self.cut_logits({m: self.encoders[m](x)}, m)
 
+    def with_mean_excitation(self, excitations, m):
+        """``excitations`` with E_m replaced by Ē_m (detached, broadcast over the batch)."""
+        e = excitations[m]
+        return {**excitations, m: self.excite_mean[self.index(m)].to(e.dtype).expand_as(e)}
+
     def rebalance_logits(self, x, m):
-        """ŷ''_m = h_m(φ_m(x_m) ⊙ Ē_m): branch m on its own modality with the running-mean excitation."""
+        """ŷ''_m = h_m(φ_m(x_m) ⊙ Ē_m): branch m on its own modality with the running-mean excitation
+        (the ``branch_only`` re-balancing step)."""
         u = self.encoders[m](x)
         return self.heads[m](u * self.excite_mean[self.index(m)].to(u.dtype))
 
@@ -235,6 +263,10 @@ class Greedy(SingleOptimizerMethod):
         "window": Param(5, number(at_least=0, integer=True), "re-balancing steps Q per trigger"),
         "warmup_epochs": Param(1, number(at_least=0, integer=True), "loop epochs before re-balancing may start"),
         "ratio": Param(4, number(above=0), "MMTM squeeze reduction ratio"),
+        "rebalance": Param("mean_excitation", one_of("mean_excitation", "branch_only"),
+                           "re-balancing step: mean_excitation (released code: the slower branch's excitation "
+                           "replaced by its running mean, summed loss, every parameter steps) | branch_only "
+                           "(ours: only the slower branch, on its own loss)"),
         "utilization": Param("val", one_of("val", "train", None),
                              "split the utilization rate u is measured on (None: not measured)"),
         "fusion": fusion_param("model", FUSIONS),
@@ -252,6 +284,15 @@ class Greedy(SingleOptimizerMethod):
         self.rebalance_left = 0
         self.rebalance_modality = None
 
+    def notices(self):
+        epochs = self.ctx.epochs_per_modality
+        if self.window == 0:
+            return ["window=0: no re-balancing step ever runs; this run is the MMTM model trained jointly"]
+        if self.warmup_epochs >= epochs:
+            return [f"warmup_epochs={self.warmup_epochs} >= the run's {epochs} epochs: re-balancing never starts; "
+                    f"this run is the MMTM model trained jointly"]
+        return []
+
     def _other(self, m):
         mods = self.model.modalities
         return [v for v in mods if v != m][0] if len(mods) == 2 else "others"
@@ -261,12 +302,14 @@ class Greedy(SingleOptimizerMethod):
         xs, y = batch
         mods = self.model.modalities
         if self.rebalance_left > 0:
+            if self.rebalance == "branch_only":
+                return self._branch_only_step(self.rebalance_modality, xs, y)
             return self._rebalance_step(self.rebalance_modality, xs, y)
         feats = self.model.features(xs)
         excitations = self.model.excitations(feats)
+        self.model.update_excite_mean(excitations)
         logits = self.model.branch_logits(feats, excitations)
         loss = sum(F.cross_entropy(logits[m], y) for m in mods)
-        self.model.update_excite_mean(excitations)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         speeds = self.accumulate_speeds()
@@ -280,6 +323,22 @@ class Greedy(SingleOptimizerMethod):
         return logs
 
     def _rebalance_step(self, k, xs, y):
+        """The released re-balancing step: Ē updated with this batch, then E_k ← Ē_k, L = Σ_j CE(ŷ_j, y),
+        every parameter steps; M_main, M_bypass untouched."""
+        model = self.model
+        feats = model.features(xs)
+        excitations = model.excitations(feats)
+        model.update_excite_mean(excitations)
+        logits = model.branch_logits(feats, model.with_mean_excitation(excitations, k))
+        loss = sum(F.cross_entropy(logits[m], y) for m in model.modalities)
+        self.minimize(loss)
+        self.rebalance_left -= 1
+        logs = {"greedy_rebalance_loss": loss.detach(), "greedy_rebalancing": 1.0}
+        logs.update({f"greedy_rebalance_{m}": float(m == k) for m in model.modalities})
+        return logs
+
+    def _branch_only_step(self, k, xs, y):
+        """Ours (opt-in): only branch k, on its own modality with Ē_k, updates θ_k = φ_k ∪ h_k."""
         loss = F.cross_entropy(self.model.rebalance_logits(xs[k], k), y)
         self.minimize(loss)                  # reaches φ_k and h_k only
         self.rebalance_left -= 1

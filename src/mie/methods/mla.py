@@ -2,13 +2,17 @@
 
 Zhang, Yoon, Bansal, Yao, "Multimodal Representation Learning by Alternating Unimodal
 Adaptation", CVPR 2024 (arXiv 2311.10707); code: github.com/Cecile-hi/Multimodal-Learning-with-
-Alternating-Unimodal-Adaptation (also published as xiaohuimc/MLA).
+Alternating-Unimodal-Adaptation (also published as xiaohuimc/MLA), cited below as main.py:line and
+utils.py:line (``utils/utils.py``).
 
 Model. Every modality m has its own encoder φ_m (output size d, the same d for all) and all share
-ONE head h: modality m predicts p_m = softmax(h(φ_m(x_m))). There is no fused training loss.
+ONE head h: modality m predicts p_m = softmax(h(φ_m(x_m))). There is no fused training loss. (The
+code's shared head is one Linear, ``ConcatFusion(input_dim=512)`` with ``--gs_flag``,
+models/basic_model.py:31-32, applied to each modality's features, main.py:432, 444, 456.)
 
-Training (per-iteration alternation). On every mini-batch (x, y), the modalities are trained in
-turn, m = 1, …, M (the same order every batch), each with its own forward/backward/step:
+Training (per-iteration alternation, main.py:419-466). On every mini-batch (x, y), the modalities
+are trained in turn, m = 1, …, M (the same order every batch), each with its own forward, backward
+and optimizer step:
 
     L_m = CE(h(φ_m(x_m)), y)
     g   = ∇ L_m   for φ_m and h only (the other encoders get no gradient)
@@ -16,46 +20,59 @@ turn, m = 1, …, M (the same order every batch), each with its own forward/back
         r  = mean_b z_b                                 (d_in,)   the batch-mean input
         k  = P r
         P ← P − k kᵀ / (α + rᵀ k)                       recursive-least-squares / OWM update
-        P ← P / ‖P‖_F                                   (normalize=True, as the released code)
+        P ← P / ‖P‖_F                                   (``normalize=True``, as utils.py:38-40)
         ∇W ← ∇W Pᵀ                                      (P is symmetric; biases untouched)
     θ ← optimizer step
 
 with P = I (d_in × d_in) at the start, ONE P per head Linear shared by all modalities and kept
-for the whole run (never reset between epochs), and the step size
+for the whole run (never reset between epochs: one ``GSPlugin`` for the run, main.py:819), and
+the step size (utils.py:26-27)
 
     α = 0.1^(1 + b/N),   b = index of the mini-batch within the epoch (0-based, ``step.index``),
                          N = batches per epoch (``step.steps_per_epoch``)
 
 so α falls from 0.1 to ~0.01 over each epoch and starts again at 0.1 the next epoch. P is updated
-with the CURRENT modality's r before its gradient is projected (the released code's order), so
-after a few steps P ≈ (I + Σ_s r_s r_sᵀ / α_s)⁻¹ (up to scale): the head's weight update is
-damped along the directions of the mean features of every modality trained so far — the head
-"keeps" what the earlier modalities taught it (Zeng et al., "Continual learning of context-
-dependent processing in neural networks", Nat. Mach. Intell. 2019, the OWM update MLA uses).
+with the CURRENT modality's r before its gradient is projected (utils.py:34-41, called between
+``backward`` and ``step``, main.py:435-439), so after a few steps P ≈ (I + Σ_s r_s r_sᵀ / α_s)⁻¹
+(up to scale): the head's weight update is damped along the directions of the mean features of
+every modality trained so far — the head "keeps" what the earlier modalities taught it (Zeng et
+al., "Continual learning of context-dependent processing in neural networks", Nat. Mach. Intell.
+2019, the OWM update MLA uses).
 
-The paper's head is a single Linear (d → K); ``mie`` uses the configured head (model.head_hidden;
-set it to [] for the paper's) and gives each of its Linear layers its own P fed by that layer's
-input, which is exactly OWM's per-layer rule and reduces to the paper's for one Linear.
+``mie`` uses the configured head (model.head_hidden; set it to [] for the paper's single Linear)
+and gives each of its Linear layers its own P fed by that layer's input, which is exactly OWM's
+per-layer rule and reduces to the paper's for one Linear.
 
-Known differences between the paper and the authors' released code, both fixed here:
-  * the projection is NEVER applied in the released code: ``GSPlugin.before_update`` receives the
-    head Linear itself and tests ``n == "module.weight"``, but a Linear's parameters are named
-    "weight" and "bias", so the branch is silently skipped and MLA trains without gradient
-    modification. Here it is applied on every step.
-  * inside that dead branch the denominator is written ``α + k rᵀ`` (a d×d outer product, divided
-    element-wise) instead of the scalar ``α + rᵀ k``; the scalar RLS/OWM form is used here.
-  * the released code skips the very first update of the run (exp_count == 0); here every step,
-    the first included, updates P (with r ≠ 0 this changes only that one step).
+The paper's method vs the released code. The default is the paper's method: the projection acts.
+  * In the released code the projection NEVER acts: ``GSPlugin.before_update`` receives the head
+    Linear itself (main.py:437) and tests ``n == "module.weight"`` (utils.py:32), but a Linear's
+    parameters are named "weight" and "bias", so the branch is silently skipped and the code trains
+    without gradient modification: per-batch alternation of plain SGD steps through a shared head.
+    ``project=False`` (opt-in) trains that way.
+  * Inside that dead branch the denominator is written ``alpha + torch.mm(k, r)`` (utils.py:36;
+    k is d×1 and r is 1×d, so a d×d outer product, divided element-wise) instead of the scalar
+    ``α + rᵀ k`` of OWM; the scalar form is used here.
+  * The dead branch would skip the very first update of the run (``train_exp_counter != 0``,
+    utils.py:29; the counter counts modality steps, main.py:442); here every step, the first
+    included, updates P and projects (with r ≠ 0 this changes only that one step).
+  * The code's optimizer is SGD with momentum 0.9 and weight decay 1e-4 (main.py:749) over all
+    parameters; ``optimizer.zero_grad()`` between the modality steps (main.py:440) leaves zero
+    gradients (torch < 2.0) or none (torch ≥ 2.0) on the other encoder, so with older torch the
+    other encoder still moves by its momentum and weight decay. Here the other encoders have no
+    gradient (``zero_grad(set_to_none=True)``) and the optimizer is the run's (``train.*``).
 
 Inference (test-time uncertainty-based fusion, paper eq. 9). Per sample, with H_m the entropy of
-p_m, w_m = softmax_m(−H_m) and p = Σ_m w_m p_m (``fusion="weight"``, the default; the released
-code computes the entropy over the batch axis of each test batch — ``mie.models.fuse`` does it per
-sample as the paper says). ``fusion="average"`` gives p = (1/M) Σ_m p_m. Modality m's own accuracy
-is read from the shared head on φ_m(x_m) alone.
+p_m, w_m = softmax_m(−H_m) and p = Σ_m w_m p_m (``fusion="weight"``, the default, as SPEC.md
+fixes it). The released code (``--dynamic``, main.py:640-646 and 65-106) computes one entropy per
+modality per test batch (a softmax over the batch axis, summed over the whole batch) and weights
+the logits; without ``--dynamic`` it fuses 0.5·z_a + 0.5·z_v (main.py:651; ``av_alpha``).
+``fusion="average"`` gives p = (1/M) Σ_m p_m. Modality m's own accuracy is read from the shared
+head on φ_m(x_m) alone.
 
 Three or more modalities: the paper trains three (IEMOCAP: audio, video, text; ``--modal3`` in the
-released code) with exactly this loop — each batch visits all M modalities in turn through the same head and the same
-P — and fuses with the same entropy weights over M predictions; ``mie`` does the same for any M ≥ 2.
+released code, main.py:455-466) with exactly this loop — each batch visits all M modalities in turn
+through the same head and the same P — and fuses with the same entropy weights over M predictions;
+``mie`` does the same for any M ≥ 2.
 """
 import torch
 import torch.nn.functional as F
@@ -140,6 +157,8 @@ class _LayerInputs:
 class MLA(SingleOptimizerMethod):
     name = "mla"
     params = {
+        "project": Param(True, boolean, "project the head's weight gradients with P (the paper); false: no "
+                                        "projection, how the released code actually trains (its branch never fires)"),
         "normalize": Param(True, boolean, "divide P by its Frobenius norm after each update (released code)"),
         "order": Param(None, modality_list, "the order modalities are trained in on each batch (default: the data's)"),
         "fusion": fusion_param("weight", LATE_FUSIONS),
@@ -173,6 +192,11 @@ class MLA(SingleOptimizerMethod):
     def _step(self, m, x, y, alpha):
         """One update of φ_m and the shared head on modality m's CE, head gradients projected."""
         self.optimizer.zero_grad(set_to_none=True)
+        if not self.project:                     # the released code as it runs: plain steps
+            loss = F.cross_entropy(self.model.forward_modality(m, x), y)
+            loss.backward()
+            self.optimizer.step()
+            return loss.detach()
         with _LayerInputs(self.linears) as rec:
             loss = F.cross_entropy(self.model.forward_modality(m, x), y)
         loss.backward()

@@ -1,45 +1,58 @@
 """OPM — On-the-fly Prediction Modulation.
 
 Wei, Hu, Du, Wen: "On-the-fly Modulation for Balanced Multimodal Learning", TPAMI 2024
-(code: GeWu-Lab/BML_TPAMI2024, ``models/Classifier.py``: ``calcu_q`` and ``Modality_drop``).
+(arXiv 2410.11582; code: GeWu-Lab/BML_TPAMI2024, cited below as BML: ``code/main.py`` lines as
+main:N, ``code/models/Classifier.py`` lines as Cls:N).
 
-Model and objective as in OGM-GE (``mie.methods.ogm_ge``): one encoder φ_u and head h_u per
-modality, one optimizer, CE on the sum of per-modality logits. OPM weakens the dominant modality in
-the FEED-FORWARD pass by dropping its features with a probability that grows with its lead.
+Model and objective as in OGM-GE (``mie.methods.ogm_ge``) and ``joint``: one encoder φ_u and head h_u
+per modality, one optimizer, CE on the SUM of per-modality logits (BML's one-Linear concatenation
+layer is the sum of the per-modality parts, Cls:139-140). OPM weakens the dominant modality in the
+FEED-FORWARD pass by dropping its features with a probability that grows with its lead.
 
-Per mini-batch, from the undropped features f_u = φ_u(x_u) and logits z_u = h_u(f_u) (no gradient):
+Per mini-batch, from the undropped features f_u = φ_u(x_u) and logits z_u = h_u(f_u) (no gradient;
+Cls:139-143, where z_u = f_u W_u^T + b/2):
 
-    s_u = Σ_i softmax(z_u,i)[y_i],    ρ_u = s_u / mean_{v≠u} s_v          (as in OGM-GE; m = 2: s_a/s_v)
-    q_u = clip(q_base · (1 + λ · tanh(relu(ρ_u − 1))), 0, 1)   if ρ_u > 1,  else q_u = 0
+    s_u = Σ_i softmax(z_u,i)[y_i],    ρ_u = s_u / mean_{v≠u} s_v          (m = 2: s_a / s_v, Cls:61-62)
+    q_u = clip(q_base · (1 + λ · tanh(relu(ρ_u − 1))), 0, 1)   if ρ_u > 1,  else q_u = 0   (Cls:58-72)
 
-Then, with probability ``p_exe`` (one draw per step), the drop is executed: for each modality u with
-q_u > 0, each sample i keeps its whole feature vector with probability 1 − q_u,
+Then, with probability ``p_exe`` (one draw per step, Cls:34: executed when U[0,1) ≥ 1 − p_exe), the
+drop is executed: each sample i keeps modality u's whole feature vector with probability 1 − q_u
+(κ_u,i ~ Bernoulli(1 − q_u), Cls:45-48), and the kept features are rescaled (``rescale``):
 
-    κ_u,i ~ Bernoulli(1 − q_u),    f̃_u,i = κ_u,i · f_u,i / (1 − q_u)        (``rescale="modality"``)
+    "shared" (default, the released code, Cls:38-49): EVERY modality's features, dropped or not,
+        f̃_u,i = κ_u,i · f_u,i / (1 − θ),    θ = Σ_u d_u q_u / Σ_u d_u    (d_u the feature size; here
+        all d_u are equal, so θ is the mean of the q_u: θ = q/2 for two modalities). The code's
+        ``custom_autograd`` passes the gradient through the same 1/(1 − θ) (Cls:9-21), i.e. a plain
+        division.
+    "modality" (ours): inverted dropout per modality, f̃_u,i = κ_u,i · f_u,i / (1 − q_u) for the
+        dropped modalities only (E[f̃_u] = f_u), the undropped ones unchanged.
 
-and the loss is L = CE(Σ_u h_u(f̃_u), y) with f̃_v = f_v for the modalities that are not dropped. A
-dropped sample's head sees the zero vector (so h_u(0), the head's bias path, is what remains of the
-modality, as the authors' concat layer keeps its bias). When the drop is not executed, or outside
-the window ``modulation_starts <= epoch < modulation_ends``, L = CE(Σ_u z_u, y), plain joint training.
+The loss is L = CE(Σ_u h_u(f̃_u), y) (main:104). A dropped sample's head sees the zero vector, so
+h_u(0) (the head's bias path) is what remains of the modality, as the authors' concatenation layer
+keeps its bias. When the drop is not executed, or outside the window, L = CE(Σ_u z_u, y): a ``joint``
+step. The code removes samples whose every modality was dropped (main:95-101, Cls:51-52); none
+arise: the weakest modality has ρ ≤ 1, so q = 0 for it (for m = 2 the code has the same property).
+For m ≥ 3 the ratio to the mean of the others is ours.
 
-The weakest modality always has ρ ≤ 1, so at least one modality is never dropped and no sample
-loses all its modalities (the authors' code removes such samples; here none arise).
-
-``rescale``: "modality" (default) is inverted dropout per modality, E[κ_u/(1−q_u)] = 1, the
-1/(1−q) of the paper's description. "shared" reproduces the released code: every modality's
-features (dropped or not) are divided by 1 − θ with θ = Σ_u d_u q_u / Σ_u d_u, d_u the feature size
-(here all d_u are equal, so θ is the mean of the q_u).
+Window: loop epochs ``modulation_starts <= epoch < modulation_ends``. Default: from epoch 6 to the
+end of the budget — the code's warm-up, ``warm_up = 1 if epoch <= 5`` (main:91), during which
+nothing is dropped (Cls:145); its ``--modulation_ends`` bounds only OGM (main:154), never OPM. A run
+of 6 epochs or fewer therefore never drops anything; ``notices()`` says so.
 
 Random draws come from the method's own generator, in this order: the execute draw
-u ~ U[0, 1) (executed when u < p_exe), then, if executed, one U[0, 1) per sample for each modality with
-q_u > 0 in ``model.modalities`` order (sample i is dropped when its draw is < q_u).
+u ~ U[0, 1) (executed when u ≥ 1 − p_exe, Cls:34), then, if executed, the keep mask as one
+``torch.bernoulli`` draw of shape (B, M) with probabilities 1 − q_u, sample-major, modalities in
+``model.modalities`` order (Cls:45's ``Bernoulli(1 - q).sample([B, 1])``, the undropped modalities
+included with probability 1). The code draws u with numpy and the mask with torch's global
+generator; the operations are the same, only the generator is the method's own.
 
-Defaults from the authors' code: q_base = 0.5, λ = 0.5, p_exe = 0.7 (``main.py`` argparse defaults and
-``scripts/train_opm.sh``; ``config.py`` holds q_base = 0.4). Their ``main.py`` also skips OPM in epochs
-0–5 as warm-up: ``modulation_starts=6`` reproduces that; the default here modulates from epoch 0.
+Defaults from the authors' code: q_base = 0.5, λ = 0.5, p_exe = 0.7 (main:42-44 and
+``scripts/train_opm.sh``; ``config.py`` holds q_base = 0.4, but main.py's argparse values override
+it), rescale "shared", warm-up 6 epochs. The paper's text was not available here to compare.
 
 Inference (``fusion``) as in OGM-GE: "model" (default) is softmax(Σ_u z_u) on the undropped features
-(nothing is dropped at inference); "average" and "weight" fuse the per-modality predictions.
+(nothing is dropped at inference, Cls:153 with warm_up=1 at validation, main:193); "average" and
+"weight" fuse the per-modality predictions.
 
 Logged per step (averaged per epoch by the loop): ``opm_ratio_<m>``, ``opm_q_<m>`` (0 outside the
 window) and ``opm_executed`` (the fraction of steps whose drop was executed).
@@ -49,17 +62,28 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .joint import late_fusion_logits
 from .ogm_ge import OnTheFlyModulation, discrepancy_ratios, modality_scores
 from .params import Param, number, one_of
+from .window import WINDOW_PARAMS
 
-RESCALES = ("modality", "shared")
+RESCALES = ("shared", "modality")
 
 OPM_PARAMS = {
     "q_base": Param(0.5, number(at_least=0, at_most=1), "base drop probability q_base"),
     "lam": Param(0.5, number(at_least=0), "λ: how fast q grows with the dominant modality's lead"),
     "p_exe": Param(0.7, number(at_least=0, at_most=1), "probability that a step executes the drop"),
-    "rescale": Param("modality", one_of(*RESCALES),
-                     "kept features × 1/(1 − q_u) per modality | × 1/(1 − θ) for all (the released code)"),
+    "rescale": Param("shared", one_of(*RESCALES),
+                     "every modality's features × 1/(1 − θ), θ = mean q (the released code) | "
+                     "kept features × 1/(1 − q_u) per dropped modality (ours)"),
+}
+
+# The released code's warm-up: nothing is dropped in epochs 0-5 (main.py:91).
+OPM_WINDOW_PARAMS = {
+    **WINDOW_PARAMS,
+    "modulation_starts": Param(6, number(at_least=0, integer=True),
+                               "first loop epoch (0-based) that modulates; 6 = the released code's warm-up "
+                               "of epochs 0-5"),
 }
 
 
@@ -72,16 +96,18 @@ def drop_probabilities(ratios, q_base, lam):
     return out
 
 
-def drop_samples(f, q, generator=None):
-    """Keep mask κ (B,) with P(κ_i = 1) = 1 − q, one U[0,1) draw per sample; returns (f·κ, κ)."""
-    u = torch.rand(f.shape[0], generator=generator, device=f.device)
-    keep = (u >= q).to(f.dtype)
-    return f * keep.view(-1, *([1] * (f.dim() - 1))), keep
+def drop_mask(q, batch_size, generator=None, device=None):
+    """Keep mask κ (B, M), κ[i, u] ~ Bernoulli(1 − q_u), for q = [q_1..q_M] in modality order: one
+    ``torch.bernoulli`` draw of B·M values, sample-major — the released code's
+    ``Bernoulli(1 − q).sample([B, 1])`` (Cls:45). A modality with q_u = 0 is always kept."""
+    keep = torch.tensor([1.0 - v for v in q], dtype=torch.float32, device=device)
+    return torch.bernoulli(keep.expand(batch_size, len(q)), generator=generator)
 
 
 class OPM(OnTheFlyModulation):
     name = "opm"
-    params = {**OPM_PARAMS, **OnTheFlyModulation.params}
+    rule = "OPM"
+    params = {**OPM_PARAMS, **OnTheFlyModulation.params, **OPM_WINDOW_PARAMS}
 
     def forward_opm(self, xs, y, step):
         """(fused logits used for the loss, undropped per-modality logits {m: z_m}, ratios, q, executed)."""
@@ -94,24 +120,25 @@ class OPM(OnTheFlyModulation):
         executed = False
         if active:
             draw = torch.rand((), generator=self.generator, device=self.generator.device)
-            executed = bool(draw < self.p_exe) and any(v > 0 for v in q.values())
+            executed = bool(draw >= 1.0 - self.p_exe) and any(v > 0 for v in q.values())    # Cls:34
         if not executed:
-            return sum(logits.values()), logits, ratios, q, False
+            return late_fusion_logits(logits), logits, ratios, q, False
+        mods = model.modalities
+        mask = drop_mask([q[m] for m in mods], y.shape[0], self.generator, self.generator.device)
         if self.rescale == "shared":
-            sizes = {m: f[0].numel() for m, f in feats.items()}
-            theta = sum(sizes[m] * q[m] for m in feats) / sum(sizes.values())
-        terms = []
-        for m in model.modalities:
+            sizes = {m: feats[m][0].numel() for m in mods}
+            theta = sum(sizes[m] * q[m] for m in mods) / sum(sizes.values())           # Cls:39-41
+        terms = {}
+        for j, m in enumerate(mods):
             f = feats[m]
-            if q[m] > 0:
-                f, _ = drop_samples(f, q[m], self.generator)
-                if self.rescale == "modality" and q[m] < 1:
-                    f = f / (1.0 - q[m])
+            keep = mask[:, j].to(device=f.device, dtype=f.dtype).view(-1, *([1] * (f.dim() - 1)))
             if self.rescale == "shared":
-                terms.append(model.heads[m](f / (1.0 - theta)))
+                terms[m] = model.heads[m](f * keep / (1.0 - theta))                          # Cls:47-49
+            elif q[m] > 0:
+                terms[m] = model.heads[m](f * keep / (1.0 - q[m]) if q[m] < 1 else f * keep)
             else:
-                terms.append(model.heads[m](f) if q[m] > 0 else logits[m])
-        return sum(terms), logits, ratios, q, True
+                terms[m] = logits[m]
+        return late_fusion_logits(terms), logits, ratios, q, True
 
     def training_step(self, batch, step):
         xs, y = batch

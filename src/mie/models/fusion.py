@@ -1,8 +1,8 @@
 """Late fusion at inference: the one vocabulary of ``fusion`` rules, for every method.
 
-model:    the method's own fused output — what it was trained to predict (softmax of the mean of
-          the per-modality logits for joint training, of their sum for OGM-GE, a fusion head's
-          logits, …); only for methods that have one
+model:    the method's own fused output — what it was trained to predict (softmax of the sum of
+          the per-modality logits for joint training and OGM-GE, a fusion head's logits, …); only
+          for methods that have one
 average:  p = (1/m) Σ_m p_m
 weight:   per sample, H_m = −Σ_c p_m,c log p_m,c,  w_m = softmax_m(−H_m),  p = Σ_m w_m p_m
           (MLA, Zhang et al. CVPR'24, eq. 9; computed per sample as the paper states)
