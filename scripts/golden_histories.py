@@ -15,8 +15,8 @@ from mie.methods import METHODS
 # Settings that make each method's own mechanism act within 3 epochs.
 PARAMS = {
     "ogr_gb": {"blend_every": 1},
-    "mses": {"patience": 1},
-    "mslr": {"strategy": "smooth", "history": 2},
+    "mses": {"patience": 0},
+    "mslr": {"history": 1},
     "greedy": {"warmup_epochs": 0, "alpha": 0.001},
     "pmr": {},
     "pmr_per": {},

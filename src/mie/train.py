@@ -39,7 +39,8 @@ class TrainContext:
     device: torch.device
     make_optimizer: callable     # (params or param groups, lr=None) → torch.optim.Optimizer from train.*
     train_batches: callable      # () → iterator over unshuffled training ``Batch``es on device
-    evaluate: callable           # "train" | "val" → the metrics dict of the model as it is now (cached)
+    evaluate: callable           # ("train" | "val", model=None, predict=None) → metrics of the model as it is
+                                 # now (cached), or of another model the method trains
     epochs_per_modality: int
     steps_per_epoch: int
 
@@ -116,13 +117,14 @@ def to_device(batch, device, modalities):
 
 
 @torch.no_grad()
-def predict_all(method, data_loader, device, modalities):
-    """Fused (N, K) and per-modality {m: (N, K)} probabilities, and labels (N,), over a loader."""
+def predict_all(predict, model, data_loader, device, modalities):
+    """Fused (N, K) and per-modality {m: (N, K)} probabilities of ``predict(xs)`` → (fused, {m: probs}),
+    with ``model`` in eval mode, and labels (N,), over a loader."""
     fused, per, ys = [], {m: [] for m in modalities}, []
-    with eval_mode(method.model):
+    with eval_mode(model):
         for batch in data_loader:
             xs, y = to_device(batch, device, modalities)
-            f, p = method.predict(xs)
+            f, p = predict(xs)
             fused.append(f.float().cpu())
             for m in modalities:
                 per[m].append(p[m].float().cpu())
@@ -131,9 +133,11 @@ def predict_all(method, data_loader, device, modalities):
             torch.cat(ys).numpy())
 
 
-def evaluate(method, data_loader, device, modalities):
-    """The metrics dict (accuracy, macro_f1, map, loss, per_modality) of ``method`` on a loader."""
-    fused, per, y = predict_all(method, data_loader, device, modalities)
+def evaluate(method, data_loader, device, modalities, model=None, predict=None):
+    """The metrics dict (accuracy, macro_f1, map, loss, per_modality) of ``method`` on a loader, or of
+    ``predict`` with ``model`` (e.g. a copy a method trains) when given."""
+    model, predict = (method.model, method.predict) if model is None else (model, predict)
+    fused, per, y = predict_all(predict, model, data_loader, device, modalities)
     broken = [m for m, p in per.items() if not np.isfinite(p).all()] or ([] if np.isfinite(fused).all() else ["fused"])
     if broken:
         raise TrainingDivergedError(f"{method.name} predicts NaN/inf for {', '.join(broken)}: training diverged "
@@ -260,11 +264,16 @@ class Run:
             self._evaluated[split] = cached = (self.model_version, metrics)
         return cached[1]
 
-    def evaluate_for_method(self, split):
-        """``evaluate`` of train or val: a method never sees the test split, which is read once, at the end."""
+    def evaluate_for_method(self, split, model=None, predict=None):
+        """``evaluate`` of train or val (a method never sees the test split, read once at the end); with
+        ``model`` and ``predict`` (xs → (fused probs, {m: probs})), of another model the method trains,
+        such as OGR-GB's copies (not cached)."""
         if split not in ("train", "val"):
             raise ValueError(f"a method may evaluate 'train' or 'val', not {split!r}: test is read once, at the end")
-        return self.evaluate(split)
+        if model is None:
+            return self.evaluate(split)
+        return distributed.from_rank0(evaluate(self.method, self.eval_loaders[split], self.device, self.modalities,
+                                               model, predict))
 
     def model_changed(self):
         self.model_version += 1

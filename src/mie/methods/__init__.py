@@ -39,9 +39,10 @@ METHODS = {
     "pmr_per": (PMR, {"rule": "clip", "per": True}, "PMR with the weight α·clip(ρ−1, 0, 1) and the prototypical entropy "
                                                     "regularisation of the faster modality (ours, after BalanceBenchmark)"),
     "mslr": (MSLR, {}, "MSLR: additive late fusion, one learning rate per modality set from its validation accuracy"),
-    "mses": (MSES, {}, "MSES: unimodal + fused heads; a modality stops training after `patience` epochs without "
-                       "validation improvement"),
-    "ogr_gb": (GradientBlending, {}, "OGR-GB: Σ_k w_k·CE over unimodal and fused heads, w_k ∝ ΔG_k/ΔO_k²"),
+    "mses": (MSES, {}, "MSES: unimodal + fused heads; a modality stops when its smoothed validation loss has not "
+                       "improved for more than `patience` epochs, back to its best weights"),
+    "ogr_gb": (GradientBlending, {}, "OGR-GB: Σ_k w_k·CE over unimodal and fused heads, w_k ∝ |ΔG_k|/ΔO_k² from copies "
+                                     "trained n epochs per output"),
     "greedy": (Greedy, {}, "Greedy (Wu et al. ICML'22): conditional learning speed; re-balancing steps replace the "
                            "slower branch's excitation by its running mean"),
     "domfn": (DOMFN, {}, "DOMFN (Yang et al. MM'22): fuse a sample only when no unimodal prediction diverges from "
