@@ -18,6 +18,8 @@ PARAMS = {
     "mses": {"patience": 0},
     "mslr": {"history": 1},
     "greedy": {"warmup_epochs": 0, "alpha": 0.001},
+    "opm": {"modulation_starts": 0},
+    "opm_ogm": {"modulation_starts": 0},
     "pmr": {},
     "pmr_per": {},
 }
