@@ -29,7 +29,7 @@ def npz_file(tmp_path):
 TINY = ["train.epochs=2", "train.batch_size=32", "model.dim=16", "model.head_hidden=[16,8]"]
 
 
-def make_context(modalities, lr=0.1, train_batches=(), evaluate=None, epochs_per_modality=6, steps_per_epoch=1,
+def make_context(modalities, lr=0.1, train_batches=(), evaluate=None, epochs_per_modality=6,
                  make_optimizer=None):
     """A ``TrainContext`` for driving a method by hand: SGD at ``lr`` (unless ``make_optimizer``),
     ``train_batches`` a list of ``Batch``es, ``evaluate`` split → metrics (default: refuses)."""
@@ -40,7 +40,7 @@ def make_context(modalities, lr=0.1, train_batches=(), evaluate=None, epochs_per
     return TrainContext(modalities=list(modalities), device=torch.device("cpu"),
                         make_optimizer=make_optimizer or (lambda params, lr_=None: torch.optim.SGD(list(params), lr=lr_ or lr)),
                         train_batches=lambda: iter(list(train_batches)), evaluate=evaluate or refuse,
-                        epochs_per_modality=epochs_per_modality, steps_per_epoch=steps_per_epoch)
+                        epochs_per_modality=epochs_per_modality)
 
 
 def make_step(epoch=0, index=0, steps_per_epoch=1):

@@ -44,7 +44,7 @@ def _batches(n=3, size=6, seed=1):
 
 
 def _ctx(batches):
-    return make_context(MODS, lr=LR, train_batches=batches, epochs_per_modality=2, steps_per_epoch=len(batches))
+    return make_context(MODS, lr=LR, train_batches=batches, epochs_per_modality=2)
 
 
 def _setup(batches=None, **kw):

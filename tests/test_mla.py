@@ -53,8 +53,8 @@ def _tiny_model():
     return MLAModel(encoders, ClassifierHead(2, 3, hidden=()))
 
 
-def _ctx(model, lr=0.5, steps=4):
-    return make_context(model.modalities, lr=lr, epochs_per_modality=1, steps_per_epoch=steps)
+def _ctx(model, lr=0.5):
+    return make_context(model.modalities, lr=lr, epochs_per_modality=1)
 
 
 def _reference_step(ref, m, x, y, P, alpha, lr, normalize, project=True):
@@ -205,7 +205,7 @@ def _two_batches():
 
 
 def _run(method, model, batches):
-    method.setup(model, _ctx(model, lr=0.5, steps=len(batches)))
+    method.setup(model, _ctx(model, lr=0.5))
     method.start_epoch(0)
     for index, (xs, y) in enumerate(batches):
         method.training_step(Batch(xs, y), make_step(0, index, len(batches)))

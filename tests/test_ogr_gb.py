@@ -277,7 +277,6 @@ def test_heads_warm_up_then_one_estimate_per_window():
     assert {k: rows[3][f"gb_w_{k}"] for k in HAND} == {k: pytest.approx(raw[k] / sum(raw.values())) for k in HAND}
     assert rows[3]["gb_dG_a"] == pytest.approx(0.05) and rows[3]["gb_dO_a"] == pytest.approx(0.15)
     assert rows[3]["gb_ogr_a"] == pytest.approx(0.15 / 0.05)
-    assert method.window_epoch == 4
     state = method.state_dict()
     other = create_method("ogr_gb", blend_every=2, estimate="heads")
     other.setup(_model(), make_context(model.modalities, evaluate=evaluate))

@@ -35,8 +35,7 @@ def _data(seed=0, n=10):
 
 
 def _ctx(model, batches, lr=0.1, epochs=3):
-    return make_context(model.modalities, lr=lr, train_batches=batches, epochs_per_modality=epochs,
-                        steps_per_epoch=len(batches))
+    return make_context(model.modalities, lr=lr, train_batches=batches, epochs_per_modality=epochs)
 
 
 def _split(xs, y, at=4):

@@ -42,7 +42,6 @@ class TrainContext:
     evaluate: callable           # ("train" | "val", model=None, predict=None) → metrics of the model as it is
                                  # now (cached), or of another model the method trains
     epochs_per_modality: int
-    steps_per_epoch: int
 
 
 def resolve_device(name):
@@ -241,7 +240,7 @@ class Run:
         self.optimizers = Optimizers(t)
         self.model_version, self._evaluated = 0, {}
         ctx = TrainContext(self.modalities, device, self.optimizers.make, self.train_batches, self.evaluate_for_method,
-                           t["epochs"], len(self.train_loader))
+                           t["epochs"])
         self.method.setup(self.model, ctx)
         self.num_epochs = self.method.num_epochs(t["epochs"])
         self.state = {"epoch": 0, "steps": 0, "best_score": -math.inf, "best_epoch": -1, "history": [],

@@ -179,7 +179,6 @@ class GradientBlending(SingleOptimizerMethod):
                                     for k in self.outputs}
         else:
             self.window_start = self.measure(ctx.evaluate("val"))       # checkpoint 0
-            self.window_epoch = 0
 
     @staticmethod
     def output_parameters(model, k):
@@ -255,7 +254,7 @@ class GradientBlending(SingleOptimizerMethod):
         if self.estimate == "heads" and (epoch + 1) % self.blend_every == 0:
             end = self.measure(metrics)
             self.update_weights(*overfitting_generalization(self.window_start, end))
-            self.window_start, self.window_epoch = end, epoch + 1
+            self.window_start = end
         logs = {}
         if self.last_estimate is not None:
             d_g, d_o = self.last_estimate["dG"], self.last_estimate["dO"]
@@ -275,8 +274,7 @@ class GradientBlending(SingleOptimizerMethod):
     def state_dict(self):
         state = {**super().state_dict(), "weights": dict(self.weights)}
         if self.estimate == "heads":
-            state.update(window_start={s: dict(v) for s, v in self.window_start.items()},
-                         window_epoch=self.window_epoch)
+            state["window_start"] = {s: dict(v) for s, v in self.window_start.items()}
         return state
 
     def load_state_dict(self, state):
@@ -284,4 +282,3 @@ class GradientBlending(SingleOptimizerMethod):
         self.weights = dict(state["weights"])
         if self.estimate == "heads":
             self.window_start = {s: dict(v) for s, v in state["window_start"].items()}
-            self.window_epoch = state["window_epoch"]
