@@ -6,8 +6,9 @@ per run, with the epochs of updates each modality received and the optimizer ste
 validation accuracy, seconds per run), and each method's paired difference in test accuracy to a
 reference method over the seeds both ran, with its 95% t-interval and the seeds won. A grid whose
 methods did not give every modality the same ``train.epochs`` epochs of updates is refused, unless
-a method stops a modality early by design (MSES), which the table marks. Finished runs are read
-back, unfinished ones resumed, so an interrupted comparison continues where it stopped.
+a method stops a modality early by design (MSES), which the table marks. With ``robustness``, each
+run's fused test accuracy averaged over the missing rates 0, 0.1, …, 0.9 is a column too. Finished
+runs are read back, unfinished ones resumed, so an interrupted comparison continues where it stopped.
 """
 import json
 import os
@@ -37,11 +38,12 @@ def method_config(cfg, name, overrides):
 
 
 def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, log=print, command=None,
-            reference=None):
+            reference=None, robustness=False):
     """Run the grid; return the per-run rows. ``cfg``'s method section is ignored: each method
     starts from its own defaults, and ``method_overrides`` ({key: value}) are applied to every
     method that has that hyper-parameter. ``reference``: the method every other is paired with
-    (default ``joint`` when compared, else the first method)."""
+    (default ``joint`` when compared, else the first method). ``robustness``: also each run's fused
+    test accuracy averaged over the missing rates 0, 0.1, …, 0.9 (``mie.robustness``)."""
     if not methods or not seeds:
         raise MieInputError("compare needs at least one method and one seed")
     reference = reference_method(methods, reference)
@@ -59,7 +61,10 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
             result = run_or_load(method_config(cfg, name, overrides), seed, arrays, out / name / f"seed_{seed}",
                                  progress)
             check_budget(result, cfg["train"]["epochs"])
-            rows.append(result_row(result))
+            row = result_row(result)
+            if robustness:
+                row["test_missing_acc"] = missing_rate_accuracy(out / name / f"seed_{seed}", arrays)
+            rows.append(row)
             log(run_line(name, result))
     write_text(out / "results.csv", csv_text(rows))
     write_text(out / "results.md", results_markdown(rows, cfg, methods, seeds, command, reference))
@@ -93,6 +98,22 @@ def run_or_load(cfg, seed, data, run_dir, progress=None):
         return json.loads(metrics_path.read_text())
     cfg = config_mod.merge(cfg, {"train": {"seed": seed}})
     return run(cfg, data, out_dir=run_dir, resume=True, progress=progress)
+
+
+def missing_rate_accuracy(run_dir, data=None):
+    """The fused test accuracy of the run in ``run_dir`` averaged over the missing rates 0, 0.1, …, 0.9
+    (its report in run_dir/robustness/, read back when there)."""
+    from .evaluate import evaluate_robustness
+    from .robustness import DEFAULT_RATES, mean_missing_accuracy
+    report = Path(run_dir) / "robustness" / "robustness.csv"
+    if report.exists():
+        import csv
+        with report.open() as f:
+            rows = [{**r, "accuracy": float(r["accuracy"])} for r in csv.DictReader(f)]
+        return mean_missing_accuracy([r for r in rows if r["kind"] == "missing"])
+    rows, _, _ = evaluate_robustness(Path(run_dir) / "checkpoints" / "best.pt", data, rates=DEFAULT_RATES,
+                                     out_dir=Path(run_dir) / "robustness")
+    return mean_missing_accuracy(rows)
 
 
 def run_line(label, result):
@@ -130,7 +151,7 @@ def results_table(rows, labels):
         columns += [k for k in row if k.startswith("test_") and k not in columns]
     columns.append("val_accuracy")
     names = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "test_map": "test MAP",
-             "val_accuracy": "val acc"}
+             "test_missing_acc": "test acc, missing r 0–0.9 (mean)", "val_accuracy": "val acc"}
     header = ["method", "n"] + [names.get(k, k.replace("test_acc_", "acc ")) for k in columns] + ["s / run"]
     summary = {}
     for label in labels:
@@ -237,5 +258,9 @@ def results_markdown(rows, cfg, methods, seeds, command=None, reference=None):
     mods = ", ".join(r.replace("test_acc_", "") for r in rows[0] if r.startswith("test_acc_"))
     notes = ([f"Command: `{command}`"] if command else []) + [
         f"Data: {data} (modalities {mods}).", protocol_line(cfg, seeds), budget_line(rows, methods), machine_line()]
+    if any("test_missing_acc" in r for r in rows):
+        notes.append("Column `test acc, missing r 0–0.9 (mean)`: the fused test accuracy with every modality's units "
+                     "erased with probability r, averaged over r = 0, 0.1, …, 0.9 (`mie eval --missing 0:0.9:0.1`, "
+                     "mask seed 0; each run's full report in its robustness/ folder).")
     paired = paired_table(rows, methods, reference_method(methods, reference))
     return (results_table(rows, methods) + "\n\n" + (paired + "\n\n" if paired else "") + "\n".join(notes) + "\n")

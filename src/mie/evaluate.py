@@ -19,11 +19,12 @@ def load_checkpoint(path):
     return ckpt
 
 
-def evaluate_checkpoint(checkpoint, data=None, split="test", device="auto", root=None):
-    """Metrics of a saved model on ``split`` of ``data`` (default: the data it was trained on).
+def load_for_evaluation(checkpoint, data=None, split="test", device="auto", root=None):
+    """(the checkpoint's method with its model loaded, in eval-ready state; ``split`` of ``data``
+    (default: the data it was trained on); a loader over it; the checkpoint dict).
 
     The split is rebuilt from the run's config and seed, and features are standardised with the
-    statistics saved at training time, so ``mie eval`` on the run's own data gives its test metrics.
+    statistics saved at training time, so evaluating on the run's own data gives its test metrics.
     A benchmark read from disk is read again from its prepared folder (``root``, default the one
     it was trained from).
     """
@@ -56,7 +57,14 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", device="auto", root
     if cfg["train"]["amp"] == "bf16":
         autocast_forwards(method.model, dev)
     data_loader = loader(dataset, cfg["train"]["batch_size"], num_workers=cfg["train"]["num_workers"])
-    metrics = evaluate(method, data_loader, dev, spec.modalities)
+    return method, data_loader, dev, ckpt
+
+
+def evaluate_checkpoint(checkpoint, data=None, split="test", device="auto", root=None):
+    """Metrics of a saved model on ``split`` of ``data`` (default: the data it was trained on);
+    see ``load_for_evaluation``."""
+    method, data_loader, dev, ckpt = load_for_evaluation(checkpoint, data, split, device, root)
+    metrics = evaluate(method, data_loader, dev, method.model.modalities)
     return {"checkpoint": str(checkpoint), "epoch": ckpt["epoch"], "split": split, **metrics}
 
 
@@ -73,3 +81,25 @@ def _array_split(cfg, spec, ckpt, data, split):
             raise MieInputError(f"x_{m} samples have shape {arrays.x[m].shape[1:]}, the model expects "
                                 f"{tuple(spec.input_shapes[m])}")
     return prepare_arrays(arrays, cfg, standardizer=ckpt["standardizer"]).datasets[split]
+
+
+def evaluate_robustness(checkpoint, data=None, split="test", device="auto", root=None, rates=(), drops=(),
+                        noises=(), mask_seed=0, out_dir=None):
+    """The robustness report of a saved model (``mie.robustness``): rows for every missing rate,
+    dropped modality set and noise level on ``split``, written to ``out_dir`` (default: the run's
+    ``robustness`` folder). Returns (rows, Markdown, a note or None)."""
+    from .robustness import robustness_rows, unknown_token_ids, write_report
+    if not (rates or drops or noises):
+        raise MieInputError("give at least one of --missing, --drop, --noise")
+    method, data_loader, dev, ckpt = load_for_evaluation(checkpoint, data, split, device, root)
+    spec = ModelSpec(**ckpt["spec"])
+    rows = robustness_rows(method, data_loader, dev, rates, drops, noises, mask_seed, unknown_token_ids(spec))
+    if out_dir is None:
+        path = Path(checkpoint)
+        out_dir = (path.parent.parent if path.parent.name == "checkpoints" else path.parent) / "robustness"
+    cfg = ckpt["config"]
+    name, seed, data_name = cfg["method"]["name"], cfg["train"]["seed"], cfg["data"]["dataset"] or "your data"
+    title = (f"Robustness of {name} (seed {seed}, checkpoint of epoch {ckpt['epoch']} chosen on clean validation) "
+             f"on the {split} split of {data_name}; masks and noise seeded with {mask_seed}.")
+    text, note = write_report(rows, spec.modalities, out_dir, title, f"{name} (seed {seed}) on {data_name}, {split}")
+    return rows, text, note

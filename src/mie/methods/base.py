@@ -173,12 +173,32 @@ class Method:
         """({m: modality m's own logits (B, K)}, the method's fused logits (B, K) or None)."""
         return self.model(xs), None
 
+    def fuse_logits(self, per_logits):
+        """The method's fused logits (B, K) as a function of per-modality logits {m: (B, K)} of any
+        subset of its modalities, or None when its "model" fusion is not such a function (a fusion
+        head on joint features). Late-fusion methods override it (``joint``: the sum)."""
+        return None
+
     @torch.no_grad()
     def predict(self, xs):
         """Return (fused probabilities (B, K), {m: modality m's own probabilities (B, K)})."""
         per_logits, fused_logits = self.logits(xs)
         probs = {m: F.softmax(z.float(), dim=-1) for m, z in per_logits.items()}
         return fused_prediction(self.fusion, probs, fused_logits), probs
+
+    @torch.no_grad()
+    def predict_present(self, xs, present):
+        """Fused probabilities (B, K) from the modalities in ``present`` alone, as a deployed system
+        told which modalities are missing would fuse them; None when this method's prediction is not
+        a fusion of per-modality predictions (its ``fusion`` is "model" and ``fuse_logits`` is None)."""
+        per_logits, _ = self.logits(xs)
+        kept = {m: per_logits[m].float() for m in present}
+        if self.fusion in LATE_FUSIONS:
+            return fused_prediction(self.fusion, {m: F.softmax(z, dim=-1) for m, z in kept.items()})
+        if self.fusion != "model":
+            return None
+        fused = self.fuse_logits(kept)
+        return None if fused is None else F.softmax(fused.float(), dim=-1)
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):

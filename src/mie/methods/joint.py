@@ -57,13 +57,13 @@ class Joint(SingleOptimizerMethod):
     def build_model(self, spec):
         return SharedHeadModel.build(spec, self.feature_fusion) if self.shared_head else super().build_model(spec)
 
-    def fused_logits(self, per_modality_logits):
-        """z = Σ_m z_m of a late-fusion model."""
-        return late_fusion_logits(per_modality_logits)
+    def fuse_logits(self, per_logits):
+        """z = Σ_m z_m of a late-fusion model; None with a shared head."""
+        return None if self.shared_head else late_fusion_logits(per_logits)
 
     def training_step(self, batch, step):
         xs, y = batch
-        z = self.model(xs) if self.shared_head else self.fused_logits(self.model(xs))
+        z = self.model(xs) if self.shared_head else self.fuse_logits(self.model(xs))
         loss = F.cross_entropy(z, y)
         self.minimize(loss)
         return {"loss": loss.detach()}
@@ -73,4 +73,4 @@ class Joint(SingleOptimizerMethod):
             feats = self.model.features(xs)
             return self.model.modality_logits(feats), self.model.head(self.model.combine(feats))
         per = self.model(xs)
-        return per, self.fused_logits(per)
+        return per, self.fuse_logits(per)

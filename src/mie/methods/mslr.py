@@ -152,14 +152,14 @@ class MSLR(SingleOptimizerMethod):
                 f"(η · initial_scale) throughout: additive late fusion with fixed per-modality rates"]
 
     # ---- training ---------------------------------------------------------------------
-    def aggregate(self, logits):
+    def fuse_logits(self, logits):
         """z = Σ_m z_m, or (1/M) Σ_m z_m (``aggregation``)."""
         z = torch.stack(list(logits.values())).sum(dim=0)
         return z / len(logits) if self.aggregation == "mean" else z
 
     def training_step(self, batch, step):
         xs, y = batch
-        loss = F.cross_entropy(self.aggregate(self.model(xs)), y)
+        loss = F.cross_entropy(self.fuse_logits(self.model(xs)), y)
         self.minimize(loss)
         return {"loss": loss.detach()}
 
@@ -182,7 +182,7 @@ class MSLR(SingleOptimizerMethod):
     # ---- inference --------------------------------------------------------------------
     def logits(self, xs):
         per = {m: z.float() for m, z in self.model(xs).items()}
-        return per, self.aggregate(per)
+        return per, self.fuse_logits(per)
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):

@@ -235,9 +235,13 @@ class OnTheFlyModulation(SingleOptimizerMethod):
                              self.num_epochs(self.ctx.epochs_per_modality))
         return [line] if line else []
 
+    def fuse_logits(self, per_logits):
+        """z = Σ_u z_u, the training rule."""
+        return late_fusion_logits(per_logits).float()
+
     def logits(self, xs):
         per = self.model(xs)
-        return per, late_fusion_logits(per).float()     # z = Σ_u z_u, the training rule
+        return per, self.fuse_logits(per)
 
     def state_dict(self):
         return {**super().state_dict(), "generator": self.generator.get_state()}

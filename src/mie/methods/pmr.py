@@ -267,7 +267,7 @@ class PMR(Joint):
         if self.shared_head:
             z = model.head(model.combine(feats))
         else:
-            z = self.fused_logits({m: model.heads[m](feats[m]) for m in mods})
+            z = self.fuse_logits({m: model.heads[m](feats[m]) for m in mods})
         loss = F.cross_entropy(z, y)
         logs = {}
         if in_window(step.epoch, self.modulation_starts, self.modulation_ends):
