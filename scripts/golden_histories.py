@@ -3,7 +3,7 @@ UCI mfeat (pix + zer), 3 epochs per modality, one torch thread, dropout off (so 
 depend on the training arithmetic alone). tests/test_golden_histories.py checks that the code
 still produces them; re-run this script only for a deliberate change of behaviour, and say so.
 
-    python scripts/golden_histories.py [--out tests/golden/histories.json] [--methods a,b]
+    python scripts/golden_histories.py [--out tests/golden/histories.json] [--methods a,b (update only these)]
 """
 import argparse
 import json
@@ -48,8 +48,10 @@ def main():
     p.add_argument("--methods")
     args = p.parse_args()
     names = args.methods.split(",") if args.methods else list(METHODS)
-    out = {name: golden(name) for name in names}
-    Path(args.out).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    path = Path(args.out)
+    out = json.loads(path.read_text()) if args.methods and path.exists() else {}   # --methods: update those
+    out.update({name: golden(name) for name in names})
+    path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def crash_after(k):
 
 # Settings under which each method's state changes within the first epochs (so resume is tested on it).
 PARAMS = {"mses": {"patience": 1, "monitor": "accuracy"}, "ogr_gb": {"blend_every": 1}}
+TWO_ONLY = ["pmr", "pmr_per", "mnl", "mnl_released"]   # methods defined for two modalities only
 CASES = [(name, PARAMS.get(name, {})) for name in METHODS] + [("mie", {"alternation": "iteration", "adaptive": True})]
 
 
@@ -33,7 +34,7 @@ CASES = [(name, PARAMS.get(name, {})) for name in METHODS] + [("mie", {"alternat
 def test_resumed_run_matches_uninterrupted_run(tmp_path, method, params):
     """For every registered method: optimizers, method state and RNG streams survive a restart."""
     two = {"a": (8,), "b": (5,)}
-    shapes = {"unimodal": {"a": (8,)}, "pmr": two, "pmr_per": two}.get(method, {"a": (8,), "b": (5,), "c": (3,)})
+    shapes = {"unimodal": {"a": (8,)}, **{name: two for name in TWO_ONLY}}.get(method, {"a": (8,), "b": (5,), "c": (3,)})
     x, y = make_arrays(n=90, shapes=shapes)
     data = mie.MultimodalArrays(x, y)
     whole = mie.fit(data, method, config=CONFIG, out_dir=tmp_path / "whole", seed=3, progress=False, **params)

@@ -8,6 +8,7 @@ from .greedy import Greedy
 from .joint import Joint
 from .mie import MIE
 from .mla import MLA
+from .mnl import MNL
 from .mses import MSES
 from .mslr import MSLR
 from .ogr_gb import GradientBlending
@@ -47,6 +48,10 @@ METHODS = {
                            "slower branch's excitation by its running mean"),
     "domfn": (DOMFN, {}, "DOMFN (Yang et al. MM'22): fuse a sample only when no unimodal prediction diverges from "
                          "the fused one (2 modalities) or the mean one (3+), as the authors' two codes"),
+    "mnl": (MNL, {}, "MNL (Gong et al. NeurIPS'25): per sample, the modality with the larger margin and target "
+                     "confidence guides the other on its non-target classes; mean-logit late fusion (2 modalities)"),
+    "mnl_released": (MNL, {"objective": "released"}, "MNL with the released code's loss (adds the guided modality's "
+                                                     "target CE on guided samples)"),
 }
 
 
