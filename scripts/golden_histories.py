@@ -22,6 +22,10 @@ PARAMS = {
     "opm_ogm": {"modulation_starts": 0},
     "pmr": {},
     "pmr_per": {},
+    "smv": {"warmup": 1},
+    "smv_modality": {"warmup": 1},
+    "miles": {"tau": 0.0},
+    "miles_sum": {"tau": 0.0},
 }
 
 

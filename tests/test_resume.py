@@ -25,8 +25,10 @@ def crash_after(k):
 
 
 # Settings under which each method's state changes within the first epochs (so resume is tested on it).
-PARAMS = {"mses": {"patience": 1, "monitor": "accuracy"}, "ogr_gb": {"blend_every": 1}}
-TWO_ONLY = ["pmr", "pmr_per", "mnl", "mnl_released"]   # methods defined for two modalities only
+PARAMS = {"mses": {"patience": 1, "monitor": "accuracy"}, "ogr_gb": {"blend_every": 1},
+          "smv": {"warmup": 1}, "smv_modality": {"warmup": 1},
+          "miles": {"tau": 0.0, "fusion": "average"}, "miles_sum": {"tau": 0.0, "fusion": "average"}}
+TWO_ONLY = ["pmr", "pmr_per", "mnl", "mnl_released", "smv_modality", "miles", "miles_sum"]   # methods defined for two modalities only
 CASES = [(name, PARAMS.get(name, {})) for name in METHODS] + [("mie", {"alternation": "iteration", "adaptive": True})]
 
 

@@ -3,12 +3,16 @@ fixed settings. A method is one file; registering it here is all the training lo
 from ..errors import MieInputError
 from .agm import AGM
 from .base import Batch, Method, Step
+from .cggm import CGGM
 from .domfn import DOMFN
 from .greedy import Greedy
 from .joint import Joint
 from .mie import MIE
+from .miles import MILES
 from .mla import MLA
+from .mmpareto import MMPareto
 from .mnl import MNL
+from .msam import MSAM
 from .mses import MSES
 from .mslr import MSLR
 from .ogr_gb import GradientBlending
@@ -16,6 +20,8 @@ from .ogm_ge import OGMGE
 from .opm import OPM
 from .opm_ogm import OPMOGM
 from .pmr import PMR
+from .reconboost import ReconBoost
+from .smv import SMV
 from .unimodal import Unimodal
 
 # name → (class, fixed hyper-parameters, one-line description)
@@ -52,6 +58,22 @@ METHODS = {
                      "confidence guides the other on its non-target classes; mean-logit late fusion (2 modalities)"),
     "mnl_released": (MNL, {"objective": "released"}, "MNL with the released code's loss (adds the guided modality's "
                                                      "target CE on guided samples)"),
+    "msam": (MSAM, {}, "M-SAM (Nowdeh et al. NeurIPS'25): per-batch Shapley weights ν of modality-subset accuracies; "
+                       "SAM on the dominant modality's share ν_d·ℓ, plain gradient on (1−ν_d)·ℓ"),
+    "miles": (MILES, {}, "MILES (Guerra-Manzanares & Shamout IJCNN'25): the dominant modality's learning rate × μ when "
+                         "its conditional-utilisation gap exceeds τ; concat fusion head + unimodal heads (2 modalities)"),
+    "miles_sum": (MILES, {"feature_fusion": "sum"}, "MILES with the summed-feature fusion head (paper Table III)"),
+    "reconboost": (ReconBoost, {}, "ReconBoost (Hua et al. ICML'24): round-robin stages; f_m = shared head ∘ φ_m on a "
+                                   "(w1 − w2·q_y)/C-weighted CE against the others' ensemble, then CE on β Σ f_m"),
+    "smv": (SMV, {"level": "sample"}, "SMV (Wei et al. CVPR'24): Shapley valuation of each training sample after "
+                                      "warm-up; next epoch adds copies keeping only its low-contributing modality"),
+    "smv_modality": (SMV, {"level": "modality"}, "SMV, modality level: copies keeping the larger-gap modality, as many "
+                                                 "as the mean Shapley gap on part of train says (2 modalities)"),
+    "mmpareto": (MMPareto, {}, "MMPareto (Wei & Hu ICML'24): per encoder, the min-norm mix of the multimodal and "
+                               "unimodal gradients when they conflict, magnitude γ·max(‖g_sum‖/‖d‖, 1) per tensor"),
+    "cggm": (CGGM, {}, "CGGM (Guo et al. NeurIPS'24): auxiliary classifiers on detached features; encoder i's "
+                       "gradients × ρ·B_i from batch-accuracy gains; direction term on the fused output layer"),
+    "cggm_clipped": (CGGM, {"coeff_clip": 1.0}, "CGGM with each B_i clamped into [0, 1] (ours)"),
 }
 
 

@@ -1,10 +1,10 @@
-"""A head per modality AND a fused head (MSES, OGR-GB, DOMFN).
+"""A head per modality AND a fused head (MSES, OGR-GB, DOMFN, MMPareto, MILES).
 
     f_m = φ_m(x_m),    z_m = h_m(f_m),    z_fused = g(fuse(f_1, …, f_M))
 
 with ``feature_fusion`` "concat" ([f_1; …; f_M], g: FC(M·d, …), the late-concat network of Wang et
-al.'s G-Blend and Fujimori et al.'s multitask model), or the element-wise "mean" or "max" of the f_m
-(DOMFN's options). Every head is a ``ClassifierHead`` with the model's ``head_hidden`` widths.
+al.'s G-Blend and Fujimori et al.'s multitask model), the element-wise "mean" or "max" of the f_m
+(DOMFN's options), or their "sum" (MILES's second fusion). Every head is a ``ClassifierHead`` with the model's ``head_hidden`` widths.
 """
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from .encoders import build_encoders
 from .head import ClassifierHead
 from .multimodal import LateFusionModel, modality_heads
 
-FEATURE_FUSIONS = ("concat", "mean", "max")
+FEATURE_FUSIONS = ("concat", "mean", "max", "sum")
 FUSED = "fused"           # the fused head's name in logs and blend weights
 
 
@@ -36,7 +36,9 @@ class MultiHeadModel(LateFusionModel):
         if self.feature_fusion == "concat":
             return self.fused_head(torch.cat(values, dim=-1))
         stacked = torch.stack(values)
-        return self.fused_head(stacked.mean(dim=0) if self.feature_fusion == "mean" else stacked.max(dim=0).values)
+        pooled = {"mean": lambda: stacked.mean(dim=0), "max": lambda: stacked.max(dim=0).values,
+                  "sum": lambda: stacked.sum(dim=0)}[self.feature_fusion]()
+        return self.fused_head(pooled)
 
     def outputs_from_features(self, feats):
         return {m: self.heads[m](feats[m]) for m in self.modalities}, self.fused_logits(feats)
