@@ -79,6 +79,10 @@ def build_parser():
     p.add_argument("--settings", help="comma-separated settings (default: mfeat_pix_zer,mfeat_all_views,basicmotions)")
     p.add_argument("--out", default="runs/benchmark", metavar="DIR", help="folder for the runs")
     p.add_argument("--report", default="docs/results.md", metavar="FILE.md", help="the generated report")
+    p.add_argument("--robustness", action="store_true", help="add each run's test accuracy averaged over missing "
+                                                             "rates 0:0.9:0.1")
+    p.add_argument("--cost-epochs", type=int, default=0, metavar="N",
+                   help="add each method's cost per epoch relative to joint, measured side by side over N epochs")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
 
     p = sub.add_parser("prepare", help="turn a benchmark's raw release into what training reads")
@@ -187,9 +191,12 @@ def cmd_compare(args):
 
 def cmd_benchmark(args):
     from .benchmark import benchmark
+    if args.cost_epochs < 0:
+        raise MieInputError(f"--cost-epochs must be >= 0, got {args.cost_epochs}")
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None
     benchmark(args.out, args.report, _ints(args.seeds, "--seeds"), split(args.methods), split(args.settings),
-              args.overrides, command=shlex.join(["mie", *args.argv]))
+              args.overrides, command=shlex.join(["mie", *args.argv]), robustness=args.robustness,
+              cost_epochs=args.cost_epochs)
     print(f"report written to {args.report}")
 
 

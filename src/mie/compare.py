@@ -141,18 +141,24 @@ def mean_std(values):
     return m, s
 
 
-def results_table(rows, labels):
+ROBUSTNESS_NOTE = ("Column `test acc, missing r 0–0.9 (mean)`: the fused test accuracy with every modality's units "
+                   "erased with probability r, averaged over r = 0, 0.1, …, 0.9 (`mie eval --missing 0:0.9:0.1`, "
+                   "mask seed 0; each run's full report in its robustness/ folder).")
+
+
+def results_table(rows, labels, extra=None):
     """Markdown table, one line per label in ``labels`` (rows' "method"): mean ± std over its n runs
     of every test metric, each modality's own accuracy, validation accuracy and seconds. A modality
     a method does not see is shown as –; the best fused accuracy is in bold; † marks a method that
-    stops modalities early by design."""
+    stops modalities early by design. ``extra``: {column header: {label: text}}, appended columns."""
     columns = []
     for row in rows:
         columns += [k for k in row if k.startswith("test_") and k not in columns]
     columns.append("val_accuracy")
     names = {"test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "test_map": "test MAP",
              "test_missing_acc": "test acc, missing r 0–0.9 (mean)", "val_accuracy": "val acc"}
-    header = ["method", "n"] + [names.get(k, k.replace("test_acc_", "acc ")) for k in columns] + ["s / run"]
+    extra = extra or {}
+    header = ["method", "n"] + [names.get(k, k.replace("test_acc_", "acc ")) for k in columns] + ["s / run", *extra]
     summary = {}
     for label in labels:
         mine = [r for r in rows if r["method"] == label]
@@ -167,7 +173,8 @@ def results_table(rows, labels):
         if label == best:
             cells[0] = f"**{cells[0]}**"
         mark = " †" if any(_true(r.get("stops_early")) for r in mine) else ""
-        lines.append(f"| {label}{mark} | {len(mine)} | " + " | ".join(cells) + f" | {summary[label]['seconds'][0]:.1f} |")
+        cells += [f"{summary[label]['seconds'][0]:.1f}"] + [column.get(label, "–") for column in extra.values()]
+        lines.append(f"| {label}{mark} | {len(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -259,8 +266,6 @@ def results_markdown(rows, cfg, methods, seeds, command=None, reference=None):
     notes = ([f"Command: `{command}`"] if command else []) + [
         f"Data: {data} (modalities {mods}).", protocol_line(cfg, seeds), budget_line(rows, methods), machine_line()]
     if any("test_missing_acc" in r for r in rows):
-        notes.append("Column `test acc, missing r 0–0.9 (mean)`: the fused test accuracy with every modality's units "
-                     "erased with probability r, averaged over r = 0, 0.1, …, 0.9 (`mie eval --missing 0:0.9:0.1`, "
-                     "mask seed 0; each run's full report in its robustness/ folder).")
+        notes.append(ROBUSTNESS_NOTE)
     paired = paired_table(rows, methods, reference_method(methods, reference))
     return (results_table(rows, methods) + "\n\n" + (paired + "\n\n" if paired else "") + "\n".join(notes) + "\n")
