@@ -178,8 +178,15 @@ class DOMFN(SingleOptimizerMethod):
     def setup(self, model, ctx):
         require_two_modalities(model, self.name)
         super().setup(model, ctx)
-        self.resolved_form = resolve_form(self.form, len(model.modalities))
-        self.penalty_scale = FORM_TAU[self.resolved_form] if self.tau is None else self.tau
+
+    @property
+    def resolved_form(self):
+        """The form for this model's number of modalities (also when a checkpoint is only evaluated)."""
+        return resolve_form(self.form, len(self.model.modalities))
+
+    @property
+    def penalty_scale(self):
+        return FORM_TAU[self.resolved_form] if self.tau is None else self.tau
 
     def notices(self):
         out = []
