@@ -94,6 +94,42 @@ def build_parser():
     p.add_argument("options", nargs="*", metavar="option=value",
                    help="the benchmark's own options anywhere on the line, e.g. size=224 (see `mie datasets`)")
 
+    p = sub.add_parser("sweep", help="one method setting over a list or range of values × seeds: validation and "
+                                     "test curves, the validation-best value marked")
+    _common_args(p)
+    p.add_argument("--method", required=True, help="a method name (see `mie methods`)")
+    p.add_argument("--param", required=True, metavar="NAME",
+                   help="a parameter of the method (tau or method.tau), or train.<key> / model.<key>")
+    p.add_argument("--values", required=True, metavar="VALUES",
+                   help="comma-separated values (e.g. 0.1,0.4,1 or stage,iteration), log:A:B:N or lin:A:B:N")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for runs, table and plot")
+
+    p = sub.add_parser("plot", help="draw a run's validation curves, or a comparison's test accuracies (PNG)")
+    p.add_argument("folder", metavar="DIR", help="a run folder (`mie train --out`) or a comparison folder "
+                                                 "(`mie compare --out`)")
+
+    p = sub.add_parser("landscape", help="filter-normalised 2-D loss surface of each modality around a checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="FILE.pt", help="a run's checkpoints/best.pt")
+    _data_args(p)
+    p.add_argument("--split", default="train", choices=["train", "val", "test"],
+                   help="the samples the losses are computed on (default train)")
+    p.add_argument("--grid", default="-1:1:21", metavar="MIN:MAX:NUM",
+                   help="coordinates along each direction, written --grid=-1:1:21 (the default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the two random directions and of --samples")
+    p.add_argument("--samples", type=int, metavar="N", help="a random subset of N samples of the split")
+    p.add_argument("--radius", type=float, default=0.5,
+                   help="radius of the circle the sharpness figure averages over (default 0.5)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the run's landscape/)")
+
+    p = sub.add_parser("ablate", help="MIE's ablations × seeds: SAM × GM grid, GM into one modality only, "
+                                      "accuracy after each stage")
+    _common_args(p)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--reference", default="mie", help="the row every other is paired with (default mie)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for runs, tables and plot")
+
     sub.add_parser("methods", help="list the training methods and their hyper-parameters")
     sub.add_parser("datasets", help="list the built-in datasets")
     return parser
@@ -135,6 +171,7 @@ def cmd_train(args):
           f"macro-F1 {test['macro_f1']:.4f}, MAP {test['map']:.4f}; per modality: {per}; "
           f"best epoch {result['best_epoch']}/{result['loop_epochs']} on validation; "
           f"{result['seconds']:.1f}s → {args.out}/metrics.json")
+    _plot_after(args.out)
 
 
 def cmd_eval(args):
@@ -187,6 +224,7 @@ def cmd_compare(args):
     compare(cfg, methods, _ints(args.seeds, "--seeds"), args.out, method_overrides,
             command=shlex.join(["mie", *args.argv]), reference=args.reference, robustness=args.robustness)
     print((Path(args.out) / "results.md").read_text())
+    _plot_after(args.out)
 
 
 def cmd_benchmark(args):
@@ -250,9 +288,59 @@ def cmd_datasets(args):
           "0/1/2 = train/val/test")
 
 
+def cmd_sweep(args):
+    from .sweep import sweep
+    cfg = _config(args, args.method)
+    sweep(cfg, args.param, args.values, _ints(args.seeds, "--seeds"), args.out, fixed=args.overrides,
+          command=shlex.join(["mie", *args.argv]))
+    print((Path(args.out) / "sweep.md").read_text())
+
+
+def cmd_plot(args):
+    from .plots import plot_folder
+    print(plot_folder(args.folder))
+
+
+def _plot_after(folder):
+    """The folder's plots when matplotlib is installed, else one line saying what to install."""
+    from .plots import missing_extra, plot_folder
+    note = missing_extra()
+    if note:
+        print(f"mie: note: {note}", file=sys.stderr)
+    else:
+        print(plot_folder(folder))
+
+
+def cmd_landscape(args):
+    from .data import DISK_DATASETS
+    from .landscape import loss_landscape
+    data = None
+    if args.data or (args.dataset and args.dataset not in DISK_DATASETS):
+        from .data.prepare import load_arrays
+        cfg = config_mod.build_config(None, (), data={"path": args.data, "dataset": args.dataset,
+                                                     "modalities": args.modalities})
+        data = load_arrays(cfg)
+    _, text, note = loss_landscape(args.checkpoint, data, args.split, args.grid, args.seed, args.samples,
+                                   args.radius, args.device, args.root, args.out)
+    print(text + (f"\nmie: note: {note}" if note else ""))
+
+
+def cmd_ablate(args):
+    from .ablate import ablate, split_overrides
+    method_overrides, args.overrides = split_overrides(args.overrides, args.config)
+    cfg = _config(args)
+    ablate(cfg, _ints(args.seeds, "--seeds"), args.out, method_overrides, command=shlex.join(["mie", *args.argv]),
+           reference=args.reference)
+    print((Path(args.out) / "ablation.md").read_text())
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "benchmark": cmd_benchmark,
             "prepare": cmd_prepare,
+            "sweep": cmd_sweep,
+            "landscape": cmd_landscape,
+            "ablate": cmd_ablate,
             "methods": cmd_methods,
+            "plot": cmd_plot,
             "datasets": cmd_datasets}
 
 
