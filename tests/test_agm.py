@@ -353,7 +353,7 @@ def test_coalitions_use_eval_mode_features_and_leave_modes_as_they_were():
     f = coalition_outputs(model, xs)
     assert model.training and model.encoders["a"].training and not model.encoders["v"].training
     with torch.no_grad(), eval_mode(model):
-        ua, va = model.encoders["a"](xs["a"]), model.encoders["v"](xs["v"])
+        ua = model.encoders["a"](xs["a"])
         v0 = model.encoders["v"](torch.zeros(1, 3, dtype=torch.float64)).expand(6, -1)
         torch.testing.assert_close(f[frozenset("a")], model.head(torch.cat([ua, v0], 1)))
     with torch.no_grad():

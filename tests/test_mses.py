@@ -278,7 +278,7 @@ def test_budget_hooks_and_notices():
 def test_state_survives_a_restart():
     model = _model()
     method = create_method("mses", patience=0)
-    optimizers = _setup(method, model)
+    _setup(method, model)
     method.on_validation(0, _metrics({"a": [1.0, 1.1], "b": [1.0, 0.5]}, 0))
     method.on_validation(1, _metrics({"a": [1.0, 1.1], "b": [1.0, 0.5]}, 1))   # a stops; restore pending
     other = create_method("mses", patience=0)

@@ -209,7 +209,7 @@ def paired_table(rows, labels, reference):
         return ""
     lines = [f"Paired by seed against `{reference}` (test accuracy, method − {reference}; 95% t-interval; "
              "**bold**: the interval excludes 0):", "",
-             f"| method | n | mean difference | 95% interval | seeds won |", "|---|---|---|---|---|"]
+             "| method | n | mean difference | 95% interval | seeds won |", "|---|---|---|---|---|"]
     for label, (mean, half, won, n) in diffs.items():
         if half is None:
             interval, mean_text = "n/a (one seed)", f"{mean:+.4f}"

@@ -83,7 +83,6 @@ Logged by ``on_validation``: ``miles_u_<m>`` (u_m), ``miles_delta`` (δ) and ``m
 """
 import math
 
-import torch
 import torch.nn.functional as F
 
 from ..errors import MieInputError

@@ -82,10 +82,8 @@ estimation epochs ``gb_dG_<k>``, ``gb_dO_<k>`` and ``gb_ogr_<k>`` for every outp
 import copy
 import math
 
-import torch
 import torch.nn.functional as F
 
-from ..errors import MieInputError
 from ..models import MultiHeadModel
 from ..models.multi_head import FUSED
 from ..optim import autocast_forwards

@@ -7,7 +7,6 @@ al.'s G-Blend and Fujimori et al.'s multitask model), the element-wise "mean" or
 (DOMFN's options), or their "sum" (MILES's second fusion). Every head is a ``ClassifierHead`` with the model's ``head_hidden`` widths.
 """
 import torch
-from torch import nn
 
 from ..errors import MieInputError
 from .encoders import build_encoders

@@ -1,6 +1,5 @@
 """Feature fusion: the modalities' features are combined first, then ONE head classifies them."""
 import torch
-from torch import nn
 
 from ..errors import MieInputError
 from .encoders import build_encoders
