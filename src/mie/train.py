@@ -368,6 +368,10 @@ class Run:
         if self.out is None or not self.main:
             return
         write_text(self.out / "history.csv", csv_text(self.state["history"]))
+        self.method.write_files(self.out, final=row["epoch"] == self.num_epochs)
+        if self.method.keep_model(row["epoch"] - 1):
+            save_torch(self.out / "checkpoints" / f"epoch_{row['epoch']}.pt",
+                       self.checkpoint(self.model.state_dict(), row["epoch"]))
         save_torch(self.out / "checkpoints" / "last.pt",
                    {"config": self.cfg, "model": self.model.state_dict(), "method": self.method.state_dict(),
                     "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),

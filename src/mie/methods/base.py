@@ -12,6 +12,8 @@ precision and learning-rate schedules, and calls a method through these hooks on
         logs = method.end_epoch(epoch)                 # state between epochs (MIE's T, prototypes)
         metrics = validation of method.predict         # the loop's own pass, in eval mode
         logs = method.on_validation(epoch, metrics)    # decisions taken on validation (MSLR, MSES)
+        method.write_files(out, final)                 # its own files in the run folder (MIE's GM diagnostics)
+        method.keep_model(epoch) → checkpoints/epoch_<n>.pt   # models worth keeping (MIE's stage ends)
 
 What a method gets from the loop, it gets here: the step's position (``Step``), the loop's
 validation metrics (``on_validation``), any other split's metrics (``ctx.evaluate(split)``, cached
@@ -167,6 +169,16 @@ class Method:
         ``metrics["accuracy"]``, ``metrics["loss"]``, ``metrics["per_modality"][m]["accuracy"|"loss"]``).
         Returns scalars to log."""
         return {}
+
+    # ---- the run folder -----------------------------------------------------------------
+    def write_files(self, out_dir, final):
+        """Write the method's own data files (and figures) into the run folder ``out_dir``; called on
+        the writing rank after each epoch's history row, ``final`` after the last epoch."""
+
+    def keep_model(self, epoch):
+        """Whether the loop keeps the model after loop epoch ``epoch`` (0-based) as the checkpoint
+        ``checkpoints/epoch_<epoch + 1>.pt`` (read like best.pt by ``mie.evaluate``)."""
+        return False
 
     # ---- inference --------------------------------------------------------------------
     def logits(self, xs):

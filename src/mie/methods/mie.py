@@ -48,14 +48,23 @@ step pre-hook on it (``mie.optim.GradientModification``): a step is ``optimizer.
 and GM rewrites the gradients between the second backward and the base step.
 
 ``sam`` and ``gm`` switch the two ingredients off, so the paper's ablation (neither / SAM only /
-GM only / both) is four runs of this method. ``alternation="iteration"`` trains every modality in
-turn on each mini-batch (as MLA does) and recomputes every T after each epoch.
+GM only / both) is four runs of this method; ``gm_into`` applies GM to the updates of the listed
+modalities only (the paper's unidirectional ablation: ``[a]`` rewrites a's gradients with T of its
+source, the others train unmodified), and only the T that those updates read are computed.
+``alternation="iteration"`` trains every modality in turn on each mini-batch (as MLA does) and
+recomputes every T after each epoch. ``mie ablate`` runs the whole grid (``mie.ablate``).
+
+``diagnostics=True`` writes, into the run folder, the spectra of each GM layer's Ȳ and T at every
+recomputation of T, and per epoch the mean cosine between each step's gradient before and after GM
+(``mie.diagnostics``); ``stage_checkpoints=True`` keeps the model at each stage end as
+``checkpoints/epoch_<n>.pt`` (each epoch under ``alternation="iteration"``).
 """
 from contextlib import ExitStack
 
 import torch
 import torch.nn.functional as F
 
+from ..diagnostics import GMDiagnostics
 from ..errors import MieInputError
 from ..models import eval_mode
 from ..optim import (GM_LAYERS, SAM, GradientModification, InputCovariance, flat_modification_from_means,
@@ -126,12 +135,16 @@ class MIE(Method):
         "objective": Param("paper", one_of("paper", "released"), "the paper's CE, or the released code's mixup"),
         "mixup_alpha": Param(1.0, number(above=0), "released objective: λ ~ Beta(α, α)"),
         "flat_weight": Param(0.3, number(at_least=0, at_most=1), "released objective: weight w of the clean CE"),
+        "gm_into": Param(None, modality_list, "GM only into these modalities' updates (default: all)"),
+        "diagnostics": Param(False, boolean, "write GM diagnostics into the run folder (spectra of Ȳ and T, "
+                                             "gradient cosines before/after GM)"),
+        "stage_checkpoints": Param(False, boolean, "keep the model at each stage end: checkpoints/epoch_<n>.pt"),
     }
 
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive"} if fixed.get("sam") is False else set()) | \
-               ({"tau", "gm_scope"} if fixed.get("gm") is False else set()) | \
+               ({"tau", "gm_scope", "gm_into", "diagnostics"} if fixed.get("gm") is False else set()) | \
                ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else set())
 
     # ---- set-up -----------------------------------------------------------------------
@@ -148,6 +161,10 @@ class MIE(Method):
                                 f"modality: {order}")
         self.lengths = [lengths[m] if isinstance(lengths, dict) else lengths for m in order]
         self.plan = stage_plan(order, self.lengths, ctx.epochs_per_modality)
+        into = list(order if self.gm_into is None else self.gm_into)
+        if not into or not set(into) <= set(order) or len(set(into)) != len(into):
+            raise MieInputError(f"method.gm_into {into} must list some of the modalities {order}, each once")
+        self.targets = into
         self.layers = {m: gm_layers(model, m, self.gm_scope) for m in order}
         self.T = {m: [torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] for m in order}
         self.means = {m: None for m in order}   # the factors Z (Ȳ = Z Zᵀ) T^(m) was made from (None: T = I)
@@ -155,12 +172,13 @@ class MIE(Method):
         for m in order:
             base = ctx.make_optimizer(model.modality_parameters(m))
             if self.gm:
-                self.gm_hooks[m] = GradientModification(self.layers[m])
+                self.gm_hooks[m] = GradientModification(self.layers[m], track=self.diagnostics)
                 self.gm_hooks[m].attach(base)
             self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive, model=model) if self.sam else base
         for m in order:
             self._feed(m)
         self._stats_cache = {}
+        self.diagnosis = GMDiagnostics(self.tau) if self.gm and self.diagnostics else None
 
     def num_epochs(self, epochs_per_modality):
         if self.alternation == "iteration":
@@ -172,6 +190,10 @@ class MIE(Method):
     def source(self, j):
         """k: the modality trained just before j in the cycle, whose T^(k) shapes j's gradients."""
         return self.cycle[self.cycle.index(j) - 1]
+
+    def successor(self, m):
+        """The modality trained just after m in the cycle, which reads T^(m)."""
+        return self.cycle[(self.cycle.index(m) + 1) % len(self.cycle)]
 
     def stage(self, epoch):
         """(j, k, last): the modality trained in loop epoch ``epoch`` (stage mode), its source k,
@@ -236,13 +258,14 @@ class MIE(Method):
         return loss
 
     def _feed(self, j):
-        """Give j's GM hook T^(k) of its source k: paired by position from the output, where d_in agrees."""
+        """Give j's GM hook T^(k) of its source k: paired by position from the output, where d_in agrees
+        (no matrix when j is not among ``gm_into``)."""
         if not self.gm:
             return
         p = next(self.model.heads[j].parameters())
         layers, T = self.layers[j], self.T[self.source(j)]
         matrices = [None] * len(layers)
-        for i, (layer, t) in enumerate(zip(reversed(layers), reversed(T))):
+        for i, (layer, t) in enumerate(zip(reversed(layers), reversed(T)) if j in self.targets else ()):
             if t.shape[0] == input_dim(layer):
                 matrices[len(layers) - 1 - i] = t.to(device=p.device, dtype=p.dtype)
         self.gm_hooks[j].matrices = matrices
@@ -251,14 +274,25 @@ class MIE(Method):
     def end_epoch(self, epoch):
         if self.alternation == "iteration":
             logs = self._gm_logs(self.cycle[0], list(self.gm_hooks.values()))
-            if self.gm:
-                self.recompute(self.cycle)
+            self._diagnose_steps(epoch, self.cycle)
+            if self.gm and self._read_by_targets(self.cycle):
+                self.recompute(self._read_by_targets(self.cycle), epoch)
             return logs
         j, k, last = self.stage(epoch)
         logs = {"active": j, **self._gm_logs(j, [self.gm_hooks[j]] if self.gm else [])}
-        if last and self.gm:
-            self.recompute([j])
+        self._diagnose_steps(epoch, [j])
+        if last and self.gm and self._read_by_targets([j]):
+            self.recompute([j], epoch)
         return logs
+
+    def _read_by_targets(self, modalities):
+        """Those of ``modalities`` whose T a modality in ``gm_into`` reads (their successor)."""
+        return [m for m in modalities if self.successor(m) in self.targets]
+
+    def _diagnose_steps(self, epoch, trained):
+        if self.diagnosis is not None:
+            for j in trained:
+                self.diagnosis.add_cosines(epoch + 1, j, self.source(j), self.gm_hooks[j])
 
     def _gm_logs(self, j, hooks):
         """How strongly T^(k) acted on j this epoch: how many of j's layers it rewrote, its mean
@@ -285,8 +319,9 @@ class MIE(Method):
         return stats
 
     @torch.no_grad()
-    def recompute(self, modalities):
-        """T^(m) for each m in ``modalities`` from one eval pass over the training data."""
+    def recompute(self, modalities, epoch=None):
+        """T^(m) for each m in ``modalities`` from one eval pass over the training data (after loop
+        epoch ``epoch``, which the diagnostics record)."""
         collectors = {m: InputCovariance(self.layers[m]) for m in modalities}
         with eval_mode(self.model), ExitStack() as stack:
             for c in collectors.values():
@@ -294,9 +329,12 @@ class MIE(Method):
             for xs, _ in self.ctx.train_batches():
                 for m in modalities:
                     self.model.forward_modality(m, xs[m])
+        names = {id(mod): name for name, mod in self.model.named_modules()}
         for m, c in collectors.items():   # every rank passed over all the data: nothing to reduce
             self.means[m] = [c.factor(i) for i in range(len(self.layers[m]))]
             self.T[m] = c.flat_matrices(self.tau)
+            if self.diagnosis is not None and epoch is not None:
+                self.diagnosis.add_spectra(epoch + 1, m, [names[id(l)] for l in self.layers[m]], self.means[m])
         self._feed_successors(modalities)
 
     def use_matrices(self, T):
@@ -307,16 +345,29 @@ class MIE(Method):
 
     def _feed_successors(self, modalities):
         for m in modalities:
-            self._feed(self.cycle[(self.cycle.index(m) + 1) % len(self.cycle)])
+            self._feed(self.successor(m))
+
+    # ---- the run folder -----------------------------------------------------------------
+    def write_files(self, out_dir, final):
+        if self.diagnosis is not None:
+            self.diagnosis.write(out_dir, final)
+
+    def keep_model(self, epoch):
+        return self.stage_checkpoints and (self.alternation == "iteration" or self.stage(epoch)[2])
 
     # ---- resume -----------------------------------------------------------------------
     def state_dict(self):
-        return {"optimizers": {m: o.state_dict() for m, o in self.optimizers.items()},
-                "means": {m: None if z is None else [a.clone() for a in z] for m, z in self.means.items()}}
+        state = {"optimizers": {m: o.state_dict() for m, o in self.optimizers.items()},
+                 "means": {m: None if z is None else [a.clone() for a in z] for m, z in self.means.items()}}
+        if self.diagnosis is not None:
+            state["diagnostics"] = self.diagnosis.state_dict()
+        return state
 
     def load_state_dict(self, state):
         for m, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][m])
+        if self.diagnosis is not None and "diagnostics" in state:
+            self.diagnosis.load_state_dict(state["diagnostics"])
         # T is rebuilt from the factors Z (d × n, n ≤ 2d + one batch's columns)
         self.means = {m: None if z is None else list(z) for m, z in state["means"].items()}
         self.T = {m: ([torch.eye(input_dim(l), dtype=torch.float64) for l in self.layers[m]] if z is None

@@ -23,6 +23,10 @@ u_{t,p}, one per output position p, and
 Both are kept as a factor Z with Ȳ = Z Zᵀ (the columns z̄_t, or u_{t,p}); once Z has more than
 2·d_in columns it is replaced by the d_in × d_in factor Rᵀ of the QR decomposition Zᵀ = Q R, which
 keeps Z Zᵀ = Rᵀ R and bounds the memory.
+
+Diagnostics: ``covariance_eigenvalues(Z)`` is Ȳ's spectrum and ``flat_eigenvalues(λ, τ)`` T's (the σ
+above); ``GradientModification(..., track=True)`` sums, per step, the cosine between each gradient
+before and after its rewrite.
 """
 import torch
 import torch.nn.functional as F
@@ -90,6 +94,28 @@ def layer_input_columns(layer, x):
     x = x[(...,) + tuple(slice(None, None, d) for d in layer.dilation)]     # (1, C, O₁…Oₙ, k₁…kₙ)
     x = x[0].permute(*range(1, 1 + n), 0, *range(1 + n, 1 + 2 * n))        # (O₁…Oₙ, C, k₁…kₙ)
     return x.reshape(-1, input_dim(layer)).T
+
+
+def covariance_eigenvalues(Z):
+    """The d eigenvalues of Ȳ = Z Zᵀ from its factor Z (d × n), ascending, float64, clamped to ≥ 0
+    as T's construction clamps them; with n < d, the n of the Gram matrix ZᵀZ and d − n zeros."""
+    Z = torch.as_tensor(Z, dtype=torch.float64)
+    d, n = Z.shape
+    if n >= d:
+        lam = _eigh((Z @ Z.T + (Z @ Z.T).T) / 2)[0]
+    else:
+        lam = torch.cat([torch.zeros(d - n, dtype=torch.float64, device=Z.device), _eigh(Z.T @ Z)[0]])
+    return lam.clamp_min(0.0).sort().values
+
+
+def flat_eigenvalues(lam, tau):
+    """T's eigenvalues σ = exp(−τ (λ − λ_min)/(λ_max − λ_min)) for Ȳ's eigenvalues ``lam`` (all of
+    them, d), in their order; all 1 when λ_max = λ_min, as T = I then."""
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    lo, hi = lam.min(), lam.max()
+    if hi - lo <= _EQUAL_EIGENVALUES_RTOL * hi.abs():
+        return torch.ones_like(lam)
+    return torch.exp(-tau * (lam - lo) / (hi - lo))
 
 
 def flat_modification_from_means(Z, tau=0.4):
@@ -198,22 +224,52 @@ class GradientModification:
         gm.matrices = T_of_k                       # between the second backward and the step
 
     ``changes`` collects, per step, the mean of ‖∇W·T − ∇W‖/‖∇W‖ over the modified layers (0-d
-    tensors; read them when logging).
+    tensors; read them when logging). With ``track``, ``cosines`` sums on the gradients' device, over
+    the steps that rewrote something (``steps``), two cosines between the gradient g before and g'
+    after the rewrite: (1) of the rewritten weights together, (2) of all the parameters the optimizer
+    steps (the unmodified ones count in both); 1 where g = 0.
     """
 
-    def __init__(self, layers, matrices=None):
+    def __init__(self, layers, matrices=None, track=False):
         self.layers = list(layers)
         self.matrices = list(matrices) if matrices is not None else [None] * len(self.layers)
         self.changes = []
+        self.track = track
+        self.cosines, self.steps = None, 0
 
     def __call__(self, optimizer, args, kwargs):
         pairs = [(layer, T) for layer, T in zip(self.layers, self.matrices) if T is not None]
-        if pairs:
-            self.changes.append(torch.stack([modify_gradient(layer, T).double() for layer, T in pairs]).mean())
+        if not pairs:
+            return
+        before = [layer.weight.grad for layer, _ in pairs]
+        self.changes.append(torch.stack([modify_gradient(layer, T).double() for layer, T in pairs]).mean())
+        if self.track and any(b is not None for b in before):
+            rewritten = {id(layer.weight) for layer, _ in pairs}
+            cos = gradient_cosines(before, [layer.weight.grad for layer, _ in pairs],
+                                   [p.grad for g in optimizer.param_groups for p in g["params"]
+                                    if p.grad is not None and id(p) not in rewritten])
+            self.cosines = cos if self.cosines is None else self.cosines + cos
+            self.steps += 1
 
     def attach(self, optimizer):
         """Run before every ``optimizer.step()``; returns the hook's removable handle."""
         return optimizer.register_step_pre_hook(self)
+
+
+def gradient_cosines(before, after, others=()):
+    """(2,) float64 tensor, no host sync: cos(g, g') over the tensors ``before`` / ``after`` (pairwise
+    of one shape; None entries skipped, at least one not None), and over them together with
+    ``others``, gradients that are the same in g and g'. A zero gradient counts as unchanged (1)."""
+    pairs = [(b.double(), a.double()) for b, a in zip(before, after) if b is not None]
+    zero = torch.zeros((), dtype=torch.float64, device=pairs[0][0].device)
+    dot = sum(((b * a).sum() for b, a in pairs), zero)
+    nb, na = sum((b.square().sum() for b, _ in pairs), zero), sum((a.square().sum() for _, a in pairs), zero)
+    rest = sum((g.double().square().sum() for g in others), zero)
+
+    def cos(dot, nb, na):
+        den = (nb * na).sqrt()
+        return torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), 1.0)
+    return torch.stack([cos(dot, nb, na), cos(dot + rest, nb + rest, na + rest)])
 
 
 def matrix_stats(T):
