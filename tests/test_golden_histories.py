@@ -9,7 +9,9 @@ state its mixup uses; ``greedy``: columns that repeated the loop's accuracies ar
 losses from the loop's evaluation). The recording now also holds the baselines made faithful to
 their papers and released code (joint on summed logits, OGM-GE, OPM, Greedy, AGM, PMR, DOMFN, MSLR,
 MSES, OGR-GB; ``pmr_per`` is new); MIE and its ablations, MLA and the feature-fusion joints are
-unchanged since the redesign."""
+unchanged since the redesign. The histories gained the validation losses (``val_loss``,
+``val_loss_<m>``) as columns, every other value unchanged; the newer methods (M-SAM, MNL, MILES,
+CGGM, ReconBoost, SMV, MMPareto) were recorded as implemented."""
 import importlib.util
 import json
 import math

@@ -351,6 +351,8 @@ class Run:
         row.update(self.method.on_validation(epoch, val))
         row.update({f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "map")})
         row.update({f"val_acc_{m}": v["accuracy"] for m, v in val["per_modality"].items()})
+        row["val_loss"] = val["loss"]
+        row.update({f"val_loss_{m}": v["loss"] for m, v in val["per_modality"].items()})
         score = val[self.train_cfg["select_on"]]
         if score > self.state["best_score"]:
             self.state.update(best_score=score, best_epoch=epoch + 1, best_val=val)
