@@ -193,3 +193,11 @@ def test_every_method_is_evaluated_from_its_checkpoint_alone(tmp_path, name):
                                      drops=drops, out_dir=tmp_path / "rob")
     assert rows[0]["accuracy"] == result["test"]["accuracy"]
     assert all(np.isfinite(r["accuracy"]) for r in rows)
+
+
+def test_text_modalities_erase_to_their_tokenizers_unk():
+    """MiniLM's tokenizer (bert-base-uncased WordPiece, shipped offline) names [UNK] = 100."""
+    from mie.models import ModelSpec
+    from mie.robustness import unknown_token_ids
+    spec = ModelSpec(["img", "text"], {"img": (8,), "text": (2, 16)}, {"img": "mlp", "text": "minilm"}, 3, 8, (8,))
+    assert unknown_token_ids(spec) == {"text": 100}
