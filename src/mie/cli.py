@@ -130,6 +130,14 @@ def build_parser():
     p.add_argument("--reference", default="mie", help="the row every other is paired with (default mie)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for runs, tables and plot")
 
+    p = sub.add_parser("bench", help="time methods side by side on the same data and budget: seconds per epoch, "
+                                     "ratio to joint, where the time goes, samples per second")
+    _common_args(p)
+    p.add_argument("--methods", default="joint,mie",
+                   help="comma-separated methods or variants name:key=value[:key=value] (default joint,mie)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved turns; the fastest is kept (default 2)")
+    p.add_argument("--out", metavar="DIR", help="also write bench.md and bench.csv here")
+
     sub.add_parser("methods", help="list the training methods and their hyper-parameters")
     sub.add_parser("datasets", help="list the built-in datasets")
     return parser
@@ -334,11 +342,31 @@ def cmd_ablate(args):
     print((Path(args.out) / "ablation.md").read_text())
 
 
+def cmd_bench(args):
+    from .bench import bench
+    method_overrides, rest = {}, []
+    for text in args.overrides:
+        parts, value = config_mod.parse_override(text)
+        if parts[0] != "method":
+            rest.append(text)
+        elif len(parts) != 2 or parts[1] == "name":
+            raise MieInputError(f"override '{text}': bench takes method.<parameter>=value; name the methods "
+                                "with --methods")
+        else:
+            method_overrides[parts[1]] = value
+    args.overrides, args.epochs = rest, 5 if args.epochs is None else args.epochs
+    labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _, _, text = bench(_config(args), labels, args.epochs, args.repeats, method_overrides, args.out,
+                       log=lambda line: print(line, file=sys.stderr))
+    print(text + (f"\nwritten to {args.out}/bench.md and bench.csv" if args.out else ""))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "benchmark": cmd_benchmark,
             "prepare": cmd_prepare,
             "sweep": cmd_sweep,
             "landscape": cmd_landscape,
             "ablate": cmd_ablate,
+            "bench": cmd_bench,
             "methods": cmd_methods,
             "plot": cmd_plot,
             "datasets": cmd_datasets}

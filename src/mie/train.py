@@ -144,6 +144,12 @@ def evaluate(method, data_loader, device, modalities, model=None, predict=None):
     return classification_metrics(fused, per, y)
 
 
+def new_timing():
+    """A run's wall-time breakdown: seconds in training steps, validation, the method's ``end_epoch``
+    and waiting for the next training batch (they sum to the run's seconds), and training samples."""
+    return {"train_steps": 0.0, "validation": 0.0, "end_epoch": 0.0, "data_loading": 0.0, "train_samples": 0}
+
+
 class EpochLogs:
     """Per-step scalars summed on their device (float64) and read to the host once, at the epoch end."""
 
@@ -245,7 +251,7 @@ class Run:
         self.num_epochs = self.method.num_epochs(t["epochs"])
         self.state = {"epoch": 0, "steps": 0, "best_score": -math.inf, "best_epoch": -1, "history": [],
                       "seconds": 0.0, "best_val": None, "optimizer_steps": 0,
-                      "modality_epochs": {m: 0 for m in self.modalities}}
+                      "modality_epochs": {m: 0 for m in self.modalities}, "timing": new_timing()}
         self.notices = [f"{self.method.name}: {n}" for n in self.method.notices()]
         self.best_model = None
         self.writer = None
@@ -293,7 +299,7 @@ class Run:
             self.method.load_state_dict(ckpt["method"])
             self.generator.set_state(ckpt["generator"])
             torch.set_rng_state(ckpt["torch_rng"])
-            self.state = ckpt["loop"]
+            self.state = {**self.state, **ckpt["loop"]}
             self.optimizers.steps = self.state["optimizer_steps"]
             self.best_model = read_torch(self.out / "checkpoints" / "best.pt", "cpu", "the run's best checkpoint")["model"]
         if self.main:
@@ -325,12 +331,19 @@ class Run:
         batches = self.train_loader if data is self.prepared.datasets["train"] else self.epoch_loader(data)
         if isinstance(batches.sampler, DistributedSampler):
             batches.sampler.set_epoch(epoch)
-        logs, n = EpochLogs(), len(batches)
+        logs, n, timing = EpochLogs(), len(batches), self.state["timing"]
+        waited, samples, t_wait = 0.0, 0, time.perf_counter()
         for index, batch in enumerate(batches):
+            waited += time.perf_counter() - t_wait
+            samples += len(batch[1])
             step = Step(epoch, index, n, self.state["steps"])
             logs.add(method.training_step(to_device(batch, self.device, self.modalities), step))
             self.state["steps"] += 1
             self.model_changed()
+            t_wait = time.perf_counter()
+        waited += time.perf_counter() - t_wait
+        self.synchronize()
+        t1 = time.perf_counter()
         for m in method.trained_modalities(epoch):
             self.state["modality_epochs"][m] += 1
         self.state["optimizer_steps"] = self.optimizers.steps
@@ -341,8 +354,19 @@ class Run:
             distributed.average_buffers(self.model)
         row.update(method.end_epoch(epoch))
         self.model_changed()
-        self.state["seconds"] += time.perf_counter() - t0
+        self.synchronize()
+        t2 = time.perf_counter()
+        timing["train_steps"] += t1 - t0 - waited
+        timing["data_loading"] += waited
+        timing["end_epoch"] += t2 - t1
+        timing["train_samples"] += samples
+        self.state["seconds"] += t2 - t0
         return row
+
+    def synchronize(self):
+        """Wait for the device's queued work (CUDA only), so that a phase's wall time is its own."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def validate(self, epoch, row):
         """The loop's validation pass, the method's ``on_validation``, and the best checkpoint so far."""
@@ -359,7 +383,9 @@ class Run:
             self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             if self.out is not None and self.main:
                 save_torch(self.out / "checkpoints" / "best.pt", self.checkpoint(self.best_model, epoch + 1))
-        self.state["seconds"] += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.state["timing"]["validation"] += seconds
+        self.state["seconds"] += seconds
         row["seconds"] = self.state["seconds"]
         self.bar.set_postfix(val_acc=f"{val['accuracy']:.3f}")
 
@@ -403,6 +429,7 @@ class Run:
                   "notices": self.notices,
                   "best_epoch": s["best_epoch"], "select_on": t["select_on"],
                   "val": s["best_val"], "test": test, "seconds": round(s["seconds"], 3),
+                  "timing": {k: round(v, 3) if isinstance(v, float) else v for k, v in s["timing"].items()},
                   "device": str(self.device), "processes": distributed.world_size()}
         if self.out is not None and self.main:
             write_json(self.out / "metrics.json", result)
