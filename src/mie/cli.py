@@ -208,19 +208,25 @@ def cmd_eval(args):
     print(text + (f"\n{note}" if note else ""))
 
 
-def cmd_compare(args):
-    from .compare import compare
-    method_overrides = {}
-    rest = []
+def _method_overrides(args):
+    """Split ``args.overrides`` of a several-method command: ({parameter: value} from method.<parameter>=value,
+    the other overrides)."""
+    method_overrides, rest = {}, []
     for text in args.overrides:
         parts, value = config_mod.parse_override(text)
-        if parts[0] == "method":
-            if len(parts) != 2 or parts[1] == "name":
-                raise MieInputError(f"override '{text}': compare takes method.<parameter>=value; "
-                                    "name the methods with --methods")
-            method_overrides[parts[1]] = value
-        else:
+        if parts[0] != "method":
             rest.append(text)
+        elif len(parts) != 2 or parts[1] == "name":
+            raise MieInputError(f"override '{text}': {args.command} takes method.<parameter>=value; "
+                                "name the methods with --methods")
+        else:
+            method_overrides[parts[1]] = value
+    return method_overrides, rest
+
+
+def cmd_compare(args):
+    from .compare import compare
+    method_overrides, rest = _method_overrides(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.config:   # the file's method settings go to the compared methods that have them
         from .methods import method_params
@@ -344,16 +350,7 @@ def cmd_ablate(args):
 
 def cmd_bench(args):
     from .bench import bench
-    method_overrides, rest = {}, []
-    for text in args.overrides:
-        parts, value = config_mod.parse_override(text)
-        if parts[0] != "method":
-            rest.append(text)
-        elif len(parts) != 2 or parts[1] == "name":
-            raise MieInputError(f"override '{text}': bench takes method.<parameter>=value; name the methods "
-                                "with --methods")
-        else:
-            method_overrides[parts[1]] = value
+    method_overrides, rest = _method_overrides(args)
     args.overrides, args.epochs = rest, 5 if args.epochs is None else args.epochs
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     _, _, text = bench(_config(args), labels, args.epochs, args.repeats, method_overrides, args.out,
