@@ -47,6 +47,13 @@ Each modality has its own optimizer (``SAM`` around the configured one when ``sa
 step pre-hook on it (``mie.optim.GradientModification``): a step is ``optimizer.step(closure)``,
 and GM rewrites the gradients between the second backward and the base step.
 
+Efficiency options (ours, after the cited papers; defaults leave every step a full SAM step):
+``sam_every`` = k runs SAM's two passes on each modality's optimizer steps 0, k, 2k, … and a plain
+step with one pass in between (MosaicML Composer's SAM ``interval``); ``sam_reuse="looksam"``
+makes those plain steps use g + α (‖g‖/‖g_v‖) g_v, g_v being the part of the last SAM gradient
+orthogonal to its g (LookSAM, Liu et al., CVPR 2022; α = 0.7). GM rewrites the stepped gradient
+in plain steps too. ``mie.optim.SAM`` documents both.
+
 ``sam`` and ``gm`` switch the two ingredients off, so the paper's ablation (neither / SAM only /
 GM only / both) is four runs of this method; ``gm_into`` applies GM to the updates of the listed
 modalities only (the paper's unidirectional ablation: ``[a]`` rewrites a's gradients with T of its
@@ -125,6 +132,10 @@ class MIE(Method):
         "sam": Param(True, boolean, "SAM on each modality's parameters"),
         "gm": Param(True, boolean, "flat gradient modification"),
         "adaptive": Param(False, boolean, "ASAM's scale-invariant perturbation"),
+        "sam_every": Param(1, number(at_least=1, integer=True),
+                           "SAM's two passes on every k-th step of a modality, plain steps between (1: always)"),
+        "sam_reuse": Param(None, one_of(None, "looksam"),
+                           "between SAM steps, add back SAM's reused orthogonal gradient (LookSAM, α = 0.7)"),
         "alternation": Param("stage", one_of("stage", "iteration"), "stages of whole epochs, or every modality per batch"),
         "epochs_per_stage": Param(1, stage_lengths, "epochs of one stage (one number, or one per modality)"),
         "order": Param(None, modality_list, "the modality cycle (default: the data's order)"),
@@ -143,7 +154,7 @@ class MIE(Method):
 
     @classmethod
     def unused_params(cls, fixed):
-        return ({"rho", "adaptive"} if fixed.get("sam") is False else set()) | \
+        return ({"rho", "adaptive", "sam_every", "sam_reuse"} if fixed.get("sam") is False else set()) | \
                ({"tau", "gm_scope", "gm_into", "diagnostics"} if fixed.get("gm") is False else set()) | \
                ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else set())
 
@@ -174,7 +185,8 @@ class MIE(Method):
             if self.gm:
                 self.gm_hooks[m] = GradientModification(self.layers[m], track=self.diagnostics)
                 self.gm_hooks[m].attach(base)
-            self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive, model=model) if self.sam else base
+            self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive, model=model, every=self.sam_every,
+                                     reuse=self.sam_reuse) if self.sam else base
         for m in order:
             self._feed(m)
         self._stats_cache = {}
@@ -225,8 +237,8 @@ class MIE(Method):
         return {f"loss_{j}": self._step(j, xs[j], y)}
 
     def _step(self, j, x, y):
-        """One update of θ_j on (x, y): SAM's two passes, GM (the optimizer's pre-hook), the step.
-        Returns the pass-1 loss."""
+        """One update of θ_j on (x, y): SAM's two passes (one pass between SAM steps when
+        ``sam_every`` > 1), GM (the optimizer's pre-hook), the step. Returns the pass-1 loss."""
         opt = self.optimizers[j]
         objective = self._objective(x, y)
 
