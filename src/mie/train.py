@@ -244,7 +244,7 @@ class Run:
         self.epoch_loader = lambda data: loader(data, bs, True, self.generator, workers, t["seed"])
         self.eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
         self.optimizers = Optimizers(t)
-        self.model_version, self._evaluated = 0, {}
+        self.model_version, self._evaluated, self._val_logits = 0, {}, {}
         ctx = TrainContext(self.modalities, device, self.optimizers.make, self.train_batches, self.evaluate_for_method,
                            t["epochs"])
         self.method.setup(self.model, ctx)
@@ -261,13 +261,30 @@ class Run:
         return (to_device(batch, self.device, self.modalities) for batch in self.eval_loaders["train"])
 
     def evaluate(self, split):
-        """Metrics of the model as it is now on ``split``; computed once per state of the model."""
+        """Metrics of the model as it is now on ``split``; computed once per state of the model. For a
+        method with ``separate_modalities``, validation recomputes only the logits of the modalities
+        trained since their last pass."""
         cached = self._evaluated.get(split)
         if cached is None or cached[0] != self.model_version:
+            predict = self.val_predict() if split == "val" and self.method.separate_modalities else None
             metrics = distributed.from_rank0(evaluate(self.method, self.eval_loaders[split], self.device,
-                                                      self.modalities))
+                                                      self.modalities, self.model if predict else None, predict))
             self._evaluated[split] = cached = (self.model_version, metrics)
         return cached[1]
+
+    @torch.no_grad()
+    def val_predict(self):
+        """A ``predict`` over the validation loader's batches, in order, from per-modality logits kept
+        per modality and recomputed only when that modality was trained since."""
+        loader_ = self.eval_loaders["val"]
+        with eval_mode(self.model):
+            for m in self.modalities:
+                version = self.state["modality_epochs"][m]
+                if self._val_logits.get(m, (None,))[0] != version:
+                    logits = [self.model.forward_modality(m, to_device(b, self.device, [m])[0][m]) for b in loader_]
+                    self._val_logits[m] = (version, logits)
+        batches = iter(zip(*(self._val_logits[m][1] for m in self.modalities)))
+        return lambda xs: self.method.predict_from_logits(dict(zip(self.modalities, next(batches))), None)
 
     def evaluate_for_method(self, split, model=None, predict=None):
         """``evaluate`` of train or val (a method never sees the test split, read once at the end); with

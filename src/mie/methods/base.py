@@ -90,6 +90,9 @@ class Method:
     name = "base"
     params = {"fusion": fusion_param()}
     stops_early = False     # True when the method may end a modality's training before the budget (MSES)
+    # True when ``logits(xs)`` is ({m: model.forward_modality(m, x_m)}, None): modality m's logits depend on
+    # m's parameters alone, so the loop reuses a modality's validation logits while it is not trained (MIE)
+    separate_modalities = False
 
     def __init__(self, **values):
         unknown = sorted(set(values) - set(self.params))
@@ -194,7 +197,10 @@ class Method:
     @torch.no_grad()
     def predict(self, xs):
         """Return (fused probabilities (B, K), {m: modality m's own probabilities (B, K)})."""
-        per_logits, fused_logits = self.logits(xs)
+        return self.predict_from_logits(*self.logits(xs))
+
+    def predict_from_logits(self, per_logits, fused_logits):
+        """``predict`` from the outputs of ``logits``."""
         probs = {m: F.softmax(z.float(), dim=-1) for m, z in per_logits.items()}
         return fused_prediction(self.fusion, probs, fused_logits), probs
 

@@ -126,6 +126,7 @@ def _supported(layer):
 
 class MIE(Method):
     name = "mie"
+    separate_modalities = True
     params = {
         "tau": Param(0.4, number(above=0), "GM temperature τ: the sharpest direction is damped by e^{-τ} (paper 0.4)"),
         "rho": Param(0.05, number(at_least=0), "SAM radius ρ"),
