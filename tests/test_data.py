@@ -145,3 +145,16 @@ def test_arrays_leave_the_callers_dict_alone():
 def test_zero_samples_is_one_clear_error():
     with pytest.raises(MieInputError, match="has no samples"):
         MultimodalArrays({"a": np.zeros((0, 4), np.float32)}, np.zeros(0, int))
+
+
+def test_array_batches_are_fetched_in_one_indexing_and_equal_the_default_collation():
+    import torch
+    from torch.utils.data import default_collate
+    from mie.data import ArrayDataset
+    from mie.data.torch_dataset import collate
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset({"a": rng.normal(size=(10, 3)).astype(np.float32), "b": rng.normal(size=(10, 2, 4))
+                       .astype(np.float32)}, np.arange(10) % 3)
+    idx = [7, 2, 2, 9]
+    fast, slow = collate(ds.__getitems__(idx)), default_collate([ds[i] for i in idx])
+    assert all(torch.equal(fast[0][m], slow[0][m]) for m in ("a", "b")) and torch.equal(fast[1], slow[1])

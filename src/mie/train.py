@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import config as config_mod
 from . import distributed
 from .data import prepare_run
+from .data.torch_dataset import collate
 from .errors import MieInputError, TrainingDivergedError
 from .io import atomic_path, csv_text, read_torch, save_torch, write_json, write_text
 from .methods import Batch, Step, create_method
@@ -105,7 +106,7 @@ def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0, se
     drop_last = shuffle and len(sampler or dataset) % batch_size == 1
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator if shuffle else torch.Generator(), num_workers=num_workers,
-                      drop_last=drop_last, pin_memory=torch.cuda.is_available())
+                      drop_last=drop_last, pin_memory=torch.cuda.is_available(), collate_fn=collate)
 
 
 def to_device(batch, device, modalities):

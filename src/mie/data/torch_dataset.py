@@ -1,7 +1,21 @@
-"""A torch Dataset over in-memory arrays: item i is ({modality: tensor}, label)."""
+"""A torch Dataset over in-memory arrays: item i is ({modality: tensor}, label); a batch of indices
+is fetched in one indexing per array (``__getitems__``) rather than sample by sample."""
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
+
+
+class Batched(list):
+    """What ``ArrayDataset.__getitems__`` returns: a mini-batch already collated (``batch``)."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+
+def collate(items):
+    """The loaders' ``collate_fn``: a ``Batched`` as it is, anything else by torch's default_collate."""
+    return items.batch if isinstance(items, Batched) else default_collate(items)
 
 
 class ArrayDataset(Dataset):
@@ -15,3 +29,8 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i):
         return {m: a[i] for m, a in self.x.items()}, self.y[i]
+
+    def __getitems__(self, indices):
+        """The items at ``indices`` collated: ({m: (B, ...)}, (B,)), equal to default_collate of them."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return Batched(({m: a[index] for m, a in self.x.items()}, self.y[index]))
