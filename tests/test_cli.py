@@ -221,3 +221,13 @@ def test_an_unexpected_failure_is_still_one_line(capsys, monkeypatch, npz_file, 
     monkeypatch.setenv("MIE_DEBUG", "1")
     with pytest.raises(RuntimeError):
         main(["train", "--data", str(npz_file), "--out", str(tmp_path / "o2"), *TINY])
+
+
+def test_more_loader_workers_than_cores_are_capped_with_one_notice(npz_file, tmp_path, capsys, monkeypatch):
+    import os
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert main(["train", "--data", str(npz_file), "--method", "joint", "--out", str(tmp_path / "run"),
+                 "train.num_workers=4", *TINY]) == 0
+    notices = json.loads((tmp_path / "run" / "metrics.json").read_text())["notices"]
+    assert notices == ["train.num_workers=4 is more data-loading processes than the 1 cores this process may use; "
+                       "using 1"]

@@ -10,6 +10,7 @@
     run.test()                                           the checkpoint validation chose, read once
 """
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -107,6 +108,12 @@ def loader(dataset, batch_size, shuffle=False, generator=None, num_workers=0, se
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator if shuffle else torch.Generator(), num_workers=num_workers,
                       drop_last=drop_last, pin_memory=torch.cuda.is_available(), collate_fn=collate)
+
+
+def usable_workers(requested):
+    """``requested`` data-loading processes, at most as many as the cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(requested, cores)
 
 
 def to_device(batch, device, modalities):
@@ -240,7 +247,7 @@ class Run:
             autocast_forwards(self.model, device)
 
         self.generator = torch.Generator().manual_seed(t["seed"])
-        bs, workers = t["batch_size"], t["num_workers"]
+        bs, workers = t["batch_size"], usable_workers(t["num_workers"])
         self.train_loader = loader(prepared.datasets["train"], bs, True, self.generator, workers, t["seed"])
         self.epoch_loader = lambda data: loader(data, bs, True, self.generator, workers, t["seed"])
         self.eval_loaders = {s: loader(prepared.datasets[s], bs, num_workers=workers) for s in ("train", "val", "test")}
@@ -254,6 +261,9 @@ class Run:
                       "seconds": 0.0, "best_val": None, "optimizer_steps": 0,
                       "modality_epochs": {m: 0 for m in self.modalities}, "timing": new_timing()}
         self.notices = [f"{self.method.name}: {n}" for n in self.method.notices()]
+        if workers < t["num_workers"]:
+            self.notices.append(f"train.num_workers={t['num_workers']} is more data-loading processes than the "
+                                f"{workers} cores this process may use; using {workers}")
         self.best_model = None
         self.writer = None
 
