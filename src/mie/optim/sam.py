@@ -84,7 +84,10 @@ class SAM(torch.optim.Optimizer):
         params = self._params_with_grad()
         if not params:
             return torch.tensor(0.0)
-        norms = [((p.abs() if self.adaptive else 1.0) * p.grad).norm(2) for p in params]
+        if self.adaptive:
+            norms = [(p.abs() * p.grad).norm(2) for p in params]
+        else:
+            norms = torch._foreach_norm([p.grad for p in params], 2)
         return torch.stack([n.to(norms[0].device) for n in norms]).norm(2)
 
     @torch.no_grad()
@@ -92,10 +95,12 @@ class SAM(torch.optim.Optimizer):
         """Save θ, then move to θ + ε."""
         params = self._params_with_grad()
         scale = self.rho / (self.grad_norm() + 1e-12)
-        self._saved = [(p, p.detach().clone()) for p in params]
-        for p in params:
-            e = (p * p if self.adaptive else 1.0) * p.grad * scale.to(p.device)
-            p.add_(e)
+        self._saved = (params, torch._foreach_mul(params, 1.0))       # copies of θ
+        if self.adaptive:
+            for p in params:
+                p.add_(p * p * p.grad * scale.to(p.device))
+        else:
+            torch._foreach_add_(params, torch._foreach_mul([p.grad for p in params], scale.to(params[0].device)))
         if zero_grad:
             self.zero_grad()
 
@@ -113,8 +118,8 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self):
         """Put back the parameters saved by ``first_step`` (bit-exact copy)."""
-        for p, saved in self._saved or []:
-            p.copy_(saved)
+        if self._saved is not None:
+            torch._foreach_copy_(*self._saved)
         self._saved = None
 
     @torch.no_grad()
