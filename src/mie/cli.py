@@ -1,4 +1,5 @@
-"""The ``mie`` command: train | eval | compare | methods | datasets.
+"""The ``mie`` command: train | eval | compare | benchmark | ablate | sweep | landscape | plot | bench |
+prepare | methods | datasets.
 
 Every command is a thin layer over the Python API. Bad input prints one line on stderr and
 exits with code 2.
