@@ -217,12 +217,15 @@ class GreedyModel(LateFusionModel):
 
 # ---- the paper's quantities, as plain functions ------------------------------------------------
 def grad_param_ratio(params):
-    """μ(θ) = Σ‖∇θ‖² / Σ‖θ‖² over a group of tensors (float64; a missing gradient counts as 0)."""
-    g = w = 0.0
+    """μ(θ) = Σ‖∇θ‖² / Σ‖θ‖² over a group of tensors (float64, summed in order on the device and read
+    once; a missing gradient counts as 0)."""
+    params = list(params)
+    g = w = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
     for p in params:
-        w += float(p.detach().double().pow(2).sum())
+        w = w + p.detach().double().pow(2).sum()
         if p.grad is not None:
-            g += float(p.grad.detach().double().pow(2).sum())
+            g = g + p.grad.detach().double().pow(2).sum()
+    g, w = torch.stack([g, w]).tolist()
     return g / w if w > 0 else math.nan
 
 
