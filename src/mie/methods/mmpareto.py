@@ -70,17 +70,14 @@ from .params import Param, number
 
 
 def pareto_weights(g_mm, g_u):
-    """(α₁, cos) for one encoder's flat gradients g_mm, g_u (n,): ½ if cos > 0, else the min-norm
-    weight of g_mm in the convex hull of {g_mm, g_u} (MNS:9-30); α₂ = 1 − α₁."""
+    """(α₁, cos), 0-d tensors, for one encoder's flat gradients g_mm, g_u (n,): ½ if cos > 0, else the
+    min-norm weight of g_mm in the convex hull of {g_mm, g_u} (MNS:9-30); α₂ = 1 − α₁. Computed
+    without reading the device (every branch evaluated, the rule's one selected)."""
     cos = F.cosine_similarity(g_mm, g_u, dim=0)
-    if cos > 0:
-        return 0.5, cos
     v11, v12, v22 = g_mm @ g_mm, g_mm @ g_u, g_u @ g_u
-    if v12 >= v11:
-        return 0.999, cos
-    if v12 >= v22:
-        return 0.001, cos
-    return float((v22 - v12) / (v11 + v22 - 2 * v12)), cos
+    interior = (v22 - v12) / (v11 + v22 - 2 * v12).clamp_min(torch.finfo(v11.dtype).tiny)
+    alpha = torch.where(v12 >= v11, 0.999, torch.where(v12 >= v22, 0.001, interior))
+    return torch.where(cos > 0, 0.5, alpha).to(g_mm.dtype), cos
 
 
 def pareto_gradients(g_mm, g_u, gamma=1.5):
@@ -133,7 +130,7 @@ class MMPareto(SingleOptimizerMethod):
             new, alpha, cos = pareto_gradients([mm[p] for p in enc], [u[p] for p in enc], self.gamma)
             for p, g in zip(enc, new):
                 p.grad = g
-            logs.update({f"pareto_cos_{m}": cos, f"pareto_conflict_{m}": float(not cos > 0),
+            logs.update({f"pareto_cos_{m}": cos, f"pareto_conflict_{m}": (cos <= 0).float(),
                          f"pareto_alpha_{m}": alpha})
         self.optimizer.step()
         loss = loss_mm + sum(uni.values())
