@@ -47,3 +47,20 @@ def make_step(epoch=0, index=0, steps_per_epoch=1):
     """The ``Step`` of mini-batch ``index`` in loop epoch ``epoch``."""
     from mie.methods import Step
     return Step(epoch, index, steps_per_epoch, epoch * steps_per_epoch + index)
+
+
+def sgd_loop_optimizers(lr=0.1):
+    """The loop's optimizer factory with plain SGD at ``lr``: group lr = lr × schedule × lr_scale(name)."""
+    from mie.config import default_config
+    from mie.train import Optimizers
+    return Optimizers({**default_config()["train"], "optimizer": "sgd", "lr": lr, "momentum": 0.0,
+                       "weight_decay": 0.0})
+
+
+def setup_with_loop_optimizers(method, model, lr=0.1, epochs=6):
+    """``method.setup`` with the loop's optimizer factory, rates applied as at the start of epoch 0;
+    returns the factory (its ``apply`` is the loop's learning-rate update)."""
+    optimizers = sgd_loop_optimizers(lr)
+    method.setup(model, make_context(model.modalities, make_optimizer=optimizers.make, epochs_per_modality=epochs))
+    optimizers.apply(1.0, method)
+    return optimizers

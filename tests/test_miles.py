@@ -16,14 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import mie
-from conftest import TINY, make_arrays, make_context, make_step
+from conftest import TINY, make_arrays, make_context, make_step, setup_with_loop_optimizers, sgd_loop_optimizers
 from mie.cli import main
-from mie.config import default_config
 from mie.errors import MieInputError
 from mie.methods import Batch, create_method
 from mie.methods.miles import MILES, miles_scales, utilization_rates
 from mie.models import ClassifierHead, MultiHeadModel
-from mie.train import Optimizers
 
 K = 3
 
@@ -39,19 +37,6 @@ def _model(mods=("a", "b"), feature_fusion="concat"):
     width = 3 * len(mods) if feature_fusion == "concat" else 3
     return MultiHeadModel({m: nn.Linear(4, 3) for m in mods}, {m: ClassifierHead(3, K, hidden=()) for m in mods},
                       ClassifierHead(width, K, hidden=()), feature_fusion)
-
-
-def _optimizers(lr=0.1):
-    """The loop's optimizer factory (plain SGD at ``lr``): group lr = lr × schedule × lr_scale(name)."""
-    return Optimizers({**default_config()["train"], "optimizer": "sgd", "lr": lr, "momentum": 0.0,
-                       "weight_decay": 0.0})
-
-
-def _setup(method, model, lr=0.1, epochs=6):
-    optimizers = _optimizers(lr)
-    method.setup(model, make_context(model.modalities, make_optimizer=optimizers.make, epochs_per_modality=epochs))
-    optimizers.apply(1.0, method)                      # as the loop does at the start of epoch 0
-    return optimizers
 
 
 def _metrics(fused, acc_a, acc_b):
@@ -100,7 +85,7 @@ def test_rates_follow_algorithm_1_over_random_metrics():
     expected = _algorithm_1(history, tau, mu, alpha)
     model = _model()
     method = create_method("miles", tau=tau, mu=mu)
-    optimizers = _setup(method, model, lr=alpha, epochs=300)
+    optimizers = setup_with_loop_optimizers(method, model, lr=alpha, epochs=300)
     branches = set()
     for t, (m_ab, m_a, m_b) in enumerate(history):
         lrs = [g["lr"] for g in method.optimizer.param_groups]               # groups a, b, fused head
@@ -187,7 +172,7 @@ def test_loss_of_eq_3_and_each_group_steps_at_its_rate(feature_fusion):
     moves by −α·r·∂L/∂θ with r = μ for a's encoder and head, 1 for b's and for the fusion head."""
     model = _model(feature_fusion=feature_fusion)
     method = create_method("miles", gamma=0.7, mu=0.25, feature_fusion=feature_fusion)
-    optimizers = _setup(method, model, lr=0.1)
+    optimizers = setup_with_loop_optimizers(method, model, lr=0.1)
     method.on_validation(0, _metrics(0.8, 0.7, 0.5))            # a dominant
     optimizers.apply(1.0, method)
     xs, y = _batch(seed=1)
@@ -215,7 +200,7 @@ def test_train_split_and_macro_f1_metric():
     model = _model()
     asked = []
     method = create_method("miles", split="train", metric="macro_f1")
-    optimizers = _optimizers()
+    optimizers = sgd_loop_optimizers()
     method.setup(model, make_context(model.modalities, make_optimizer=optimizers.make,
                                      evaluate=lambda split: asked.append(split) or _metrics(0.8, 0.7, 0.5)))
     row = method.on_validation(0, _metrics(0.5, 0.3, 0.6))       # the validation metrics are not read
@@ -227,7 +212,7 @@ def test_train_split_and_macro_f1_metric():
 def test_average_fusion_and_undefined_utilisation():
     model = _model()
     method = create_method("miles", fusion="average")
-    _setup(method, model)
+    setup_with_loop_optimizers(method, model)
     xs, _ = _batch(seed=2)
     fused, per = method.predict(xs)
     torch.testing.assert_close(fused, (per["a"] + per["b"]) / 2)
@@ -249,10 +234,10 @@ def test_notices():
 def test_state_survives_a_restart():
     model = _model()
     method = create_method("miles")
-    _setup(method, model)
+    setup_with_loop_optimizers(method, model)
     method.on_validation(0, _metrics(0.5, 0.3, 0.6))
     other = create_method("miles")
-    _setup(other, _model())
+    setup_with_loop_optimizers(other, _model())
     other.load_state_dict(method.state_dict())
     assert other.scales == method.scales == {"a": 1.0, "b": 0.5}
 

@@ -98,8 +98,9 @@ def released_step(model, xs, y, optimizer, gamma=1.5):
 
 
 def test_matches_the_released_training_step_over_several_steps():
-    """Same weights after 4 SGD steps (momentum 0.9, wd 1e-4, MP:296) with BatchNorm encoders; both
-    branches of MP:165-174 are taken along the way."""
+    """Parity with GeWu-Lab/MMPareto_ICML2024 code/MMPareto.py lines 88-209 (the training step) and
+    code/min_norm_solvers.py lines 9-129: same weights after 4 SGD steps (momentum 0.9, wd 1e-4,
+    MP:296) with BatchNorm encoders; both branches of MP:165-174 are taken along the way."""
     model = _model()
     ref = copy.deepcopy(model)
     method = _method(model)

@@ -14,13 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_context, make_step
-from mie.config import default_config
+from conftest import make_context, make_step, setup_with_loop_optimizers
 from mie.errors import MieInputError
 from mie.methods import Batch, create_method
 from mie.methods.mslr import MSLR, accuracy_ratio, mslr_update
 from mie.models import ClassifierHead, LateFusionModel
-from mie.train import Optimizers
 
 K = 3
 
@@ -28,19 +26,6 @@ K = 3
 def _model(mods=("a", "b")):
     torch.manual_seed(0)
     return LateFusionModel({m: nn.Linear(4, 3) for m in mods}, {m: ClassifierHead(3, K, hidden=()) for m in mods})
-
-
-def _optimizers(lr=0.1):
-    """The loop's optimizer factory (plain SGD at ``lr``): group lr = lr × schedule × lr_scale(name)."""
-    return Optimizers({**default_config()["train"], "optimizer": "sgd", "lr": lr, "momentum": 0.0,
-                       "weight_decay": 0.0})
-
-
-def _setup(method, model, lr=0.1, epochs=6):
-    optimizers = _optimizers(lr)
-    method.setup(model, make_context(model.modalities, make_optimizer=optimizers.make, epochs_per_modality=epochs))
-    optimizers.apply(1.0, method)                      # as the loop does at the start of epoch 0
-    return optimizers
 
 
 def _metrics(accs, t):
@@ -110,7 +95,7 @@ def test_dynamic_rule_matches_agm_released_code_through_real_steps():
     expected = _agm_mslr_coefficients(accs, init, 8)
     model = _model()
     method = create_method("mslr", initial_scale=init)                  # the defaults: dynamic, H = 5, sum
-    optimizers = _setup(method, model, lr=0.1, epochs=8)
+    optimizers = setup_with_loop_optimizers(method, model, lr=0.1, epochs=8)
     for t in range(8):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         xs, y = batch = _batch(seed=t)
@@ -132,7 +117,7 @@ def test_dynamic_learning_rates_and_logs_from_given_validation_accuracies():
     accs = {"a": [0.5, 0.6, 0.4, 0.8, 0.9], "b": [0.2, 0.3, 0.4, 0.4, 0.2], "c": [0.4, 0.4, 0.4, 0.4, 0.4]}
     model = _model(("a", "b", "c"))
     method = create_method("mslr", history=2, initial_scale={"a": 2.0})
-    optimizers = _setup(method, model, lr=0.1)
+    optimizers = setup_with_loop_optimizers(method, model, lr=0.1)
     assert [g["name"] for g in method.optimizer.param_groups] == ["a", "b", "c"]
     assert [g["lr"] for g in method.optimizer.param_groups] == pytest.approx([0.2, 0.1, 0.1])   # η · s_m
     rows = _epochs(method, optimizers, accs, 5)
@@ -152,7 +137,7 @@ def test_logged_rate_includes_the_schedule_factor():
     accs = {"a": [0.5, 1.0], "b": [0.5, 0.5]}
     model = _model()
     method = create_method("mslr", history=1)
-    optimizers = _setup(method, model, lr=0.1)
+    optimizers = setup_with_loop_optimizers(method, model, lr=0.1)
     rows = _epochs(method, optimizers, accs, 2, factor=0.5)
     assert rows[1]["mslr_lr_a"] == pytest.approx(0.1 * 0.5 * 1.0 / 0.5)       # η · schedule · r_a(2)
     assert method.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * 2.0)
@@ -163,7 +148,7 @@ def test_cumulative_rule_is_the_previous_default():
     accs = {"a": [0.5, 0.6, 0.4, 0.8, 0.9, 0.3], "b": [0.2, 0.3, 0.4, 0.4, 0.4, 0.4]}
     model = _model()
     method = create_method("mslr", strategy="cumulative", history=3, initial_scale={"a": 2.0})
-    optimizers = _setup(method, model, lr=0.1)
+    optimizers = setup_with_loop_optimizers(method, model, lr=0.1)
     rows = _epochs(method, optimizers, accs, 6)
     expected_a = [0.2, 0.2, 0.2 * 0.4 / 0.5, 0.16, 0.16, 0.16 * 0.3 / ((0.8 + 0.9 + 0.3) / 3)]
     expected_b = [0.1, 0.1, 0.1 * 0.4 / 0.3, 0.4 / 3, 0.4 / 3, 0.4 / 3 * 0.4 / 0.4]
@@ -175,7 +160,7 @@ def test_cumulative_rule_is_the_previous_default():
 def test_keep_never_changes_the_rates_nor_reads_accuracies():
     model = _model()
     method = create_method("mslr", strategy="keep", initial_scale={"b": 3.0})
-    optimizers = _setup(method, model, lr=0.1)
+    optimizers = setup_with_loop_optimizers(method, model, lr=0.1)
     rows = [method.on_validation(t, {}) for t in range(3)]           # no metrics needed
     optimizers.apply(1.0, method)
     assert [row["mslr_lr_b"] for row in rows] == pytest.approx([0.3] * 3) and "mslr_ratio_a" not in rows[0]
@@ -188,7 +173,7 @@ def test_each_modality_steps_with_its_own_rate_on_the_summed_logits():
     # predictions", one learning rate per modality.
     model = _model()
     method = MSLR(history=1)
-    optimizers = _setup(method, model, lr=0.1)
+    optimizers = setup_with_loop_optimizers(method, model, lr=0.1)
     _epochs(method, optimizers, {"a": [0.5, 0.8], "b": [0.5, 0.25]}, 2)      # r_a = 0.8/0.5, r_b = 0.25/0.5
     lr = {"a": 0.1 * 0.8 / 0.5, "b": 0.1 * 0.25 / 0.5}
     xs, y = _batch(seed=3)
@@ -236,10 +221,10 @@ def test_notices_when_the_rule_cannot_act_within_the_budget():
 def test_state_survives_a_restart():
     model = _model()
     method = create_method("mslr", history=2)
-    optimizers = _setup(method, model)
+    optimizers = setup_with_loop_optimizers(method, model)
     _epochs(method, optimizers, {"a": [0.5, 0.6, 0.7], "b": [0.4, 0.4, 0.2]}, 3)
     other = create_method("mslr", history=2)
-    _setup(other, _model())
+    setup_with_loop_optimizers(other, _model())
     other.load_state_dict(method.state_dict())
     assert other.scales == method.scales and other.memory == method.memory == {"a": [0.6, 0.7], "b": [0.4, 0.2]}
 
