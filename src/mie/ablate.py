@@ -28,7 +28,6 @@ import re
 import sys
 from pathlib import Path
 
-from . import config as config_mod
 from .compare import (budget_line, compare, machine_line, mean_std, paired_table, protocol_line, reference_method,
                       results_table)
 from .data import DISK_DATASETS
@@ -55,26 +54,6 @@ def data_modalities(cfg, arrays):
     if arrays is not None:
         return list(arrays.modalities)
     return list(cfg["data"]["modalities"] or DISK_DATASETS[cfg["data"]["dataset"]].modalities)
-
-
-def split_overrides(overrides, config_path=None):
-    """(method overrides {key: value}, the other override texts) of ``section.key=value`` texts; a
-    config file's method settings that MIE accepts come first."""
-    accepted = method_params("mie")
-    method = {}
-    if config_path:
-        yaml_method = config_mod.read_yaml(config_path).get("method") or {}
-        method = {k: v for k, v in yaml_method.items() if k in accepted}
-    rest = []
-    for text in overrides:
-        parts, value = config_mod.parse_override(text)
-        if parts[0] != "method":
-            rest.append(text)
-        elif len(parts) != 2 or parts[1] == "name":
-            raise MieInputError(f"override '{text}': ablate takes method.<parameter>=value; its rows are fixed")
-        else:
-            method[parts[1]] = value
-    return method, rest
 
 
 def ablate(cfg, seeds, out_dir, method_overrides=None, progress=None, log=print, command=None, reference="mie"):

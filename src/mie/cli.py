@@ -209,17 +209,22 @@ def cmd_eval(args):
     print(text + (f"\n{note}" if note else ""))
 
 
-def _method_overrides(args):
+def _method_overrides(args, methods=()):
     """Split ``args.overrides`` of a several-method command: ({parameter: value} from method.<parameter>=value,
-    the other overrides)."""
+    after the ``--config`` file's method settings that one of ``methods`` accepts; the other overrides)."""
     method_overrides, rest = {}, []
+    if getattr(args, "config", None) and methods:
+        from .methods import method_params
+        yaml_method = config_mod.read_yaml(args.config).get("method") or {}
+        method_overrides = {k: v for k, v in yaml_method.items()
+                            if k != "name" and any(k in method_params(n) for n in methods)}
     for text in args.overrides:
         parts, value = config_mod.parse_override(text)
         if parts[0] != "method":
             rest.append(text)
         elif len(parts) != 2 or parts[1] == "name":
             raise MieInputError(f"override '{text}': {args.command} takes method.<parameter>=value; "
-                                "name the methods with --methods")
+                                "its methods are chosen by its own options")
         else:
             method_overrides[parts[1]] = value
     return method_overrides, rest
@@ -227,13 +232,8 @@ def _method_overrides(args):
 
 def cmd_compare(args):
     from .compare import compare
-    method_overrides, rest = _method_overrides(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.config:   # the file's method settings go to the compared methods that have them
-        from .methods import method_params
-        yaml_method = config_mod.read_yaml(args.config).get("method") or {}
-        used = {k: v for k, v in yaml_method.items() if k != "name" and any(k in method_params(n) for n in methods)}
-        method_overrides = {**used, **method_overrides}
+    method_overrides, rest = _method_overrides(args, methods)
     args.overrides = rest
     cfg = _config(args)
     compare(cfg, methods, _ints(args.seeds, "--seeds"), args.out, method_overrides,
@@ -341,8 +341,8 @@ def cmd_landscape(args):
 
 
 def cmd_ablate(args):
-    from .ablate import ablate, split_overrides
-    method_overrides, args.overrides = split_overrides(args.overrides, args.config)
+    from .ablate import ablate
+    method_overrides, args.overrides = _method_overrides(args, ["mie"])
     cfg = _config(args)
     ablate(cfg, _ints(args.seeds, "--seeds"), args.out, method_overrides, command=shlex.join(["mie", *args.argv]),
            reference=args.reference)
