@@ -6,16 +6,29 @@
 
 ``create_method`` checks every given value once, against its ``check``; a check returns None for
 a good value and otherwise what it expected ("a number > 0"), which becomes the one-line error.
+A ``Param``'s ``space`` is the range ``mie tune`` searches by default (None: not tuned):
+
+    "tau": Param(0.4, number(above=0), "GM temperature τ", Space("log", 0.05, 5))
 """
 from typing import Callable, NamedTuple
 
 from ..errors import MieInputError
 
 
+class Space(NamedTuple):
+    """A search range: ``kind`` "log" (log-uniform in [low, high]), "float" (uniform), "int"
+    (integers in [low, high]) or "choice" (one of ``choices``)."""
+    kind: str
+    low: float = None
+    high: float = None
+    choices: tuple = ()
+
+
 class Param(NamedTuple):
     default: object
     check: Callable = None     # value → None (accepted) or a description of what is expected
     help: str = ""
+    space: Space = None        # what ``mie tune`` searches by default (None: not tuned)
 
 
 def _is_number(v):
