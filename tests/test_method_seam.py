@@ -107,7 +107,7 @@ def test_the_loop_speaks_to_a_method_only_through_the_seam(probe):
 def test_parameters_are_checked_once_at_creation(probe):
     with pytest.raises(mie.MieInputError, match="method 'probe': scale must be a number > 0, got 0"):
         mie.methods.create_method("probe", scale=0)
-    with pytest.raises(mie.MieInputError, match="fusion must be one of 'average', 'weight', got 'concat'"):
+    with pytest.raises(mie.MieInputError, match="fusion must be one of 'average', 'weight', 'log', 'fitted', got 'concat'"):
         mie.methods.create_method("probe", fusion="concat")
     with pytest.raises(mie.MieInputError, match="unknown parameter"):
         mie.methods.create_method("probe", tau=1)

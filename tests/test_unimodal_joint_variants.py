@@ -192,11 +192,11 @@ def test_feature_fusion_step_and_predictions_by_hand(fusion):
 
 
 def test_unknown_fusion_is_refused_at_construction():
-    with pytest.raises(MieInputError, match="fusion must be one of 'model', 'average', 'weight', got 'gated'"):
+    with pytest.raises(MieInputError, match="fusion must be one of 'model', 'average', 'weight', 'log', 'fitted', got 'gated'"):
         mie.methods.create_method("joint", fusion="gated")
     with pytest.raises(MieInputError, match="feature_fusion must be one of 'late', 'concat', 'sum'"):
         Joint(feature_fusion="gated")
-    with pytest.raises(MieInputError, match="fusion must be one of 'average', 'weight', got 'bogus'"):
+    with pytest.raises(MieInputError, match="fusion must be one of 'average', 'weight', 'log', 'fitted', got 'bogus'"):
         mie.methods.create_method("mie", fusion="bogus")
 
 

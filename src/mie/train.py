@@ -196,8 +196,9 @@ def fit(data=None, method=None, *, config=None, out_dir=None, resume=False, seed
     return run(cfg, data, out_dir=out_dir, resume=resume, callbacks=callbacks, progress=progress)
 
 
-def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=None):
-    """``fit`` with an already-validated config; the CLI and ``mie compare`` call this."""
+def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=None, read_test=True):
+    """``fit`` with an already-validated config; the CLI and ``mie compare`` call this. ``read_test=False``
+    (a tuning trial, scored on validation): the test split is not evaluated and "test" is None."""
     out = output_folder(out_dir)
     device = start_process(cfg["train"])
     prepared = prepare_run(cfg, data)
@@ -209,7 +210,7 @@ def run(cfg, data=None, *, out_dir=None, resume=False, callbacks=(), progress=No
         r.save_epoch(row)
         for callback in callbacks:
             callback(epoch, row)
-    return r.finish()
+    return r.finish(read_test)
 
 
 def output_folder(out_dir):
@@ -274,9 +275,13 @@ class Run:
     def evaluate(self, split):
         """Metrics of the model as it is now on ``split``; computed once per state of the model. For a
         method with ``separate_modalities``, validation recomputes only the logits of the modalities
-        trained since their last pass."""
+        trained since their last pass. Validation first calls ``method.fit_on_validation`` when the
+        method fits something there (``fits_on_validation``: the "fitted" fusion)."""
         cached = self._evaluated.get(split)
         if cached is None or cached[0] != self.model_version:
+            if split == "val" and self.method.fits_on_validation:
+                self.method.fit_on_validation(*self.val_logits())     # buffers of the model: it changed
+                self.model_changed()
             predict = self.val_predict() if split == "val" and self.method.separate_modalities else None
             metrics = distributed.from_rank0(evaluate(self.method, self.eval_loaders[split], self.device,
                                                       self.modalities, self.model if predict else None, predict))
@@ -284,18 +289,42 @@ class Run:
         return cached[1]
 
     @torch.no_grad()
-    def val_predict(self):
-        """A ``predict`` over the validation loader's batches, in order, from per-modality logits kept
-        per modality and recomputed only when that modality was trained since."""
-        loader_ = self.eval_loaders["val"]
+    def cached_val_logits(self):
+        """{m: [modality m's logits of each validation batch]} and [labels of each batch], kept per
+        modality and recomputed only when that modality was trained since."""
         with eval_mode(self.model):
             for m in self.modalities:
                 version = self.state["modality_epochs"][m]
                 if self._val_logits.get(m, (None,))[0] != version:
-                    logits = [self.model.forward_modality(m, to_device(b, self.device, [m])[0][m]) for b in loader_]
-                    self._val_logits[m] = (version, logits)
-        batches = iter(zip(*(self._val_logits[m][1] for m in self.modalities)))
+                    logits, labels = [], []
+                    for batch in self.eval_loaders["val"]:
+                        xs, y = to_device(batch, self.device, [m])
+                        logits.append(self.model.forward_modality(m, xs[m]))
+                        labels.append(y)
+                    self._val_logits[m] = (version, logits, labels)
+        return {m: self._val_logits[m][1] for m in self.modalities}, self._val_logits[self.modalities[0]][2]
+
+    def val_predict(self):
+        """A ``predict`` over the validation loader's batches, in order, from ``cached_val_logits``."""
+        batches = iter(zip(*self.cached_val_logits()[0].values()))
         return lambda xs: self.method.predict_from_logits(dict(zip(self.modalities, next(batches))), None)
+
+    @torch.no_grad()
+    def val_logits(self):
+        """({m: modality m's logits (N, K)}, labels (N,)) over the whole validation split, in order: from
+        ``cached_val_logits`` under ``separate_modalities``, else from one pass of ``method.logits``."""
+        if self.method.separate_modalities:
+            per, labels = self.cached_val_logits()
+        else:
+            per, labels = {m: [] for m in self.modalities}, []
+            with eval_mode(self.model):
+                for batch in self.eval_loaders["val"]:
+                    xs, y = to_device(batch, self.device, self.modalities)
+                    logits, _ = self.method.logits(xs)
+                    for m in self.modalities:
+                        per[m].append(logits[m])
+                    labels.append(y)
+        return {m: torch.cat(z).float() for m, z in per.items()}, torch.cat(labels)
 
     def evaluate_for_method(self, split, model=None, predict=None):
         """``evaluate`` of train or val (a method never sees the test split, read once at the end); with
@@ -438,14 +467,15 @@ class Run:
                     self.writer.add_scalar(k, v, row["epoch"])
             self.writer.flush()
 
-    def finish(self):
-        """Test metrics of the checkpoint validation chose, read once; metrics.json."""
+    def finish(self, read_test=True):
+        """Test metrics of the checkpoint validation chose, read once (None without ``read_test``);
+        metrics.json."""
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
         self.model.load_state_dict(self.best_model)
         self.model_changed()
-        test = self.evaluate("test")
+        test = self.evaluate("test") if read_test else None
         s, t = self.state, self.train_cfg
         result = {"method": self.method.name, "method_params": self.method.hparams(), "seed": t["seed"],
                   "data": self.prepared.name, "modalities": self.modalities, "num_classes": self.prepared.num_classes,

@@ -84,6 +84,13 @@ def method_params(name):
     return {k: p.default for k, p in cls.params.items() if k not in hidden}
 
 
+def spaces(name):
+    """{parameter: ``Space``} that ``mie tune`` searches for method ``name`` by default: the declared
+    spaces of the parameters a user may set (``name``'s fixed settings, and what they leave unused, excluded)."""
+    params = _lookup(name)[0].params
+    return {k: params[k].space for k in method_params(name) if params[k].space is not None}
+
+
 def create_method(name, **params):
     """Instantiate method ``name`` with hyper-parameters ``params``, each checked against what its
     ``Param`` accepts (unknown ones are an error)."""
@@ -104,4 +111,4 @@ def _lookup(name):
     return METHODS[name]
 
 
-__all__ = ["Method", "Step", "Batch", "METHODS", "create_method", "method_params"]
+__all__ = ["Method", "Step", "Batch", "METHODS", "create_method", "method_params", "spaces"]

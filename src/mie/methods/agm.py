@@ -100,7 +100,7 @@ from torch import nn
 from ..errors import MieInputError
 from ..models import FUSIONS, SharedHeadModel, eval_mode
 from .base import SingleOptimizerMethod, fusion_param
-from .params import Param, number
+from .params import Param, Space, number
 from .window import WINDOW_PARAMS, check_window, in_window
 
 MAX_MODALITIES = 8
@@ -188,7 +188,8 @@ def scale_grad(x, scale):
 
 class AGM(SingleOptimizerMethod):
     name = "agm"
-    params = {"alpha": Param(1.0, number(at_least=0), "modulation strength α in c_i = exp(α·min(r̃_i − r_i, cap))"),
+    params = {"alpha": Param(1.0, number(at_least=0), "modulation strength α in c_i = exp(α·min(r̃_i − r_i, cap))",
+                             Space("log", 0.1, 10.0)),  # ours: a decade each side; holds the README's 2.5 (AV-MNIST)
               "cap": Param(10.0, number(optional=True), "upper bound of r̃_i − r_i (None: no bound)"),
               "grad_clip": Param(1.0, number(at_least=0, optional=True),
                                  "clip the gradient norm to this when the fusion layer's gradient leaves "

@@ -10,6 +10,7 @@ precision and learning-rate schedules, and calls a method through these hooks on
         data = method.training_data(epoch, train_set)  # the set this epoch draws from (SMV rebuilds it)
         for each batch: logs = method.training_step(batch, step)   # passes, gradient edits, steps
         logs = method.end_epoch(epoch)                 # state between epochs (MIE's T, prototypes)
+        method.fit_on_validation(logits, labels)       # if method.fits_on_validation ("fitted" fusion)
         metrics = validation of method.predict         # the loop's own pass, in eval mode
         logs = method.on_validation(epoch, metrics)    # decisions taken on validation (MSLR, MSES)
         method.write_files(out, final)                 # its own files in the run folder (MIE's GM diagnostics)
@@ -28,6 +29,15 @@ gradient arithmetic a method does between backward and step is in full precision
 The checkpoint chosen on validation restores the model's weights and buffers only, so anything
 ``predict`` needs (e.g. running means used at inference) belongs in the model as buffers;
 ``state_dict`` is for what training needs to resume (optimizers, projection matrices, counters).
+
+What inference fits on validation, it fits through one seam: when ``method.fits_on_validation``
+(the ``fusion`` rule is "fitted"), each validation pass of a changed model first hands
+``method.fit_on_validation`` every modality's logits over the whole validation split {m: (N, K)}
+and the labels (N,) (from the per-modality cache under ``separate_modalities``), then computes the
+validation metrics with what was fitted. What is fitted lives in the model as buffers — a method
+given a model (``method.model = model``: the loop's ``setup``, ``mie eval``) adds them
+(``model.fitted_fusion``) — so the checkpoint chosen on validation carries it and test reads it
+unchanged. The test split never reaches the seam.
 """
 import copy
 from typing import NamedTuple
@@ -37,6 +47,7 @@ import torch.nn.functional as F
 
 from ..errors import MieInputError
 from ..models import LATE_FUSIONS, LateFusionModel, fused_prediction
+from ..models.fusion import FittedFusion
 from .params import Param, check_params, one_of
 
 
@@ -104,6 +115,18 @@ class Method:
             setattr(self, key, copy.deepcopy(values.get(key, param.default)))
         self.model = None
         self.ctx = None
+
+    @property
+    def model(self):
+        """The nn.Module this method trains and predicts with."""
+        return self._model
+
+    @model.setter
+    def model(self, model):
+        # a model given to the method gets the buffers its inference rule fits: under "fitted", the weights
+        if model is not None and self.fusion == "fitted" and not hasattr(model, "fitted_fusion"):
+            model.fitted_fusion = FittedFusion(model.modalities).to(next(model.parameters()).device)
+        self._model = model
 
     @classmethod
     def check_params(cls, values):
@@ -202,7 +225,21 @@ class Method:
     def predict_from_logits(self, per_logits, fused_logits):
         """``predict`` from the outputs of ``logits``."""
         probs = {m: F.softmax(z.float(), dim=-1) for m, z in per_logits.items()}
-        return fused_prediction(self.fusion, probs, fused_logits), probs
+        return fused_prediction(self.fusion, probs, fused_logits, self.fitted_weights()), probs
+
+    @property
+    def fits_on_validation(self):
+        """Whether the loop calls ``fit_on_validation`` before each validation's metrics."""
+        return self.fusion == "fitted"
+
+    def fit_on_validation(self, per_logits, labels):
+        """Fit inference on validation: ``per_logits`` {m: (N, K)} each modality's logits over the whole
+        validation split, ``labels`` (N,). Default: the "fitted" fusion's weights (``mie.models.fusion``)."""
+        self.model.fitted_fusion.fit({m: F.softmax(z.float(), dim=-1) for m, z in per_logits.items()}, labels)
+
+    def fitted_weights(self):
+        """{m: w_m} of the "fitted" fusion (None under any other rule)."""
+        return self.model.fitted_fusion.weights() if self.fusion == "fitted" else None
 
     @torch.no_grad()
     def predict_present(self, xs, present):
@@ -212,7 +249,8 @@ class Method:
         per_logits, _ = self.logits(xs)
         kept = {m: per_logits[m].float() for m in present}
         if self.fusion in LATE_FUSIONS:
-            return fused_prediction(self.fusion, {m: F.softmax(z, dim=-1) for m, z in kept.items()})
+            return fused_prediction(self.fusion, {m: F.softmax(z, dim=-1) for m, z in kept.items()},
+                                    weights=self.fitted_weights())
         if self.fusion != "model":
             return None
         fused = self.fuse_logits(kept)

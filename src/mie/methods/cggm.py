@@ -94,7 +94,7 @@ import torch.nn.functional as F
 
 from ..models import FUSIONS, MultiHeadModel
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number
+from .params import Param, Space, number
 
 CLASSIFIERS = "cggm_classifiers"      # the auxiliary classifiers' parameter group
 
@@ -134,11 +134,14 @@ def direction_term(aux_weights, fused_weight, coeffs):
 class CGGM(SingleOptimizerMethod):
     name = "cggm"
     params = {
-        "rho": Param(1.3, number(at_least=0), "ρ: encoder i's gradients are multiplied by ρ·B_i"),
-        "lam": Param(0.2, number(at_least=0), "λ: weight of the direction term L_gm (from the previous step)"),
+        "rho": Param(1.3, number(at_least=0), "ρ: encoder i's gradients are multiplied by ρ·B_i",
+                     Space("log", 0.13, 13.0)),     # ours: a decade each side; holds the scripts' 1.0 (BraTS)
+        "lam": Param(0.2, number(at_least=0), "λ: weight of the direction term L_gm (from the previous step)",
+                     Space("log", 0.02, 2.0)),      # a decade each side; holds the scripts' 0.05 and 0.1
         "clip": Param(0.8, number(above=0, optional=True),
                       "max global gradient norm of the encoders and fused head (None: no clipping)"),
-        "cls_lr_ratio": Param(0.5, number(above=0), "auxiliary classifiers' learning rate / the run's (5e-4 / 1e-3)"),
+        "cls_lr_ratio": Param(0.5, number(above=0), "auxiliary classifiers' learning rate / the run's (5e-4 / 1e-3)",
+                              Space("log", 0.05, 5.0)),     # ours: a decade each side; holds BraTS's 0.6
         "coeff_clip": Param(None, number(above=0, optional=True),
                             "None: B_i unbounded (released code); c: B_i clamped into [0, c] (ours)"),
         "fusion": fusion_param("model", FUSIONS),

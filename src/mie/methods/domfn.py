@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from ..models import FUSIONS, MultiHeadModel
 from ..models.multi_head import FEATURE_FUSIONS
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 FORMS = ("auto", "resume", "mosi")
 FORM_TAU = {"resume": 0.2, "mosi": 0.5}     # config/resume_config.py:61, config/mosi_config.py:46
@@ -161,10 +161,12 @@ class DOMFN(SingleOptimizerMethod):
                       "prediction, rejected samples on their amended loss) | mosi (Torch: against the mean "
                       "uni-modal prediction, rejected samples on plain CE) | auto (resume for 2 modalities, "
                       "mosi for more)"),
-        "eta": Param(0.5, number(at_least=0), "weight η of the divergence term (configs: 0.5)"),
+        "eta": Param(0.5, number(at_least=0), "weight η of the divergence term (configs: 0.5)",
+                     Space("log", 0.05, 5.0)),      # ours: a decade each side
         "tau": Param(None, number(above=0, optional=True),
                      "penalty scale τ (None: the form's config, 0.2 resume / 0.5 mosi)"),
-        "gamma": Param(0.8, number(at_least=0), "fusion margin γ: a sample is fused when max_m p_m/τ < γ (configs: 0.8)"),
+        "gamma": Param(0.8, number(at_least=0), "fusion margin γ: a sample is fused when max_m p_m/τ < γ (configs: 0.8)",
+                       Space("log", 0.08, 8.0)),    # ours: a decade each side
         "feature_fusion": Param("concat", one_of(*FEATURE_FUSIONS), "the fusion head's input: concat | mean | max"),
         "pretrain_epochs": Param(0, number(at_least=0, integer=True),
                                  "loop epochs of uni-modal pre-training (the code: 15 resume / 30 MOSI)"),

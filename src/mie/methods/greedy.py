@@ -137,7 +137,7 @@ from torch import nn
 
 from ..models import FUSIONS, LateFusionModel, eval_mode, fused_prediction
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 
 class GreedyModel(LateFusionModel):
@@ -262,8 +262,10 @@ def utilization_rates(acc_fused, acc_uni):
 class Greedy(SingleOptimizerMethod):
     name = "greedy"
     params = {
-        "alpha": Param(0.01, number(at_least=0), "speed-imbalance threshold α"),
-        "window": Param(5, number(at_least=0, integer=True), "re-balancing steps Q per trigger"),
+        "alpha": Param(0.01, number(at_least=0), "speed-imbalance threshold α",
+                       Space("log", 0.001, 0.1)),   # a decade each side; holds BalanceBenchmark's 0.001
+        "window": Param(5, number(at_least=0, integer=True), "re-balancing steps Q per trigger",
+                        Space("int", 1, 10)),       # ours
         "warmup_epochs": Param(1, number(at_least=0, integer=True), "loop epochs before re-balancing may start"),
         "ratio": Param(4, number(above=0), "MMTM squeeze reduction ratio"),
         "rebalance": Param("mean_excitation", one_of("mean_excitation", "branch_only"),
@@ -272,7 +274,7 @@ class Greedy(SingleOptimizerMethod):
                            "(ours: only the slower branch, on its own loss)"),
         "utilization": Param("val", one_of("val", "train", None),
                              "split the utilization rate u is measured on (None: not measured)"),
-        "fusion": fusion_param("model", FUSIONS),
+        "fusion": fusion_param("model", tuple(r for r in FUSIONS if r != "fitted")),   # branch predictions: no fit
     }
 
     # ---- set-up -----------------------------------------------------------------------

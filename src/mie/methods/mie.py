@@ -12,7 +12,9 @@ trained just before j in the cycle (T^(m) = I for every modality at the start):
 
 and after the stage, T^(j) = V exp(−τ (Λ − λ_min)/(λ_max − λ_min)) Vᵀ from Ȳ = Σ_t z̄_t z̄_tᵀ of
 each of j's head Linear inputs over one eval pass of the training data (``mie.optim.flat``).
-At inference p = fuse(p_1, …, p_m) with "average" or per-sample entropy "weight" fusion.
+At inference p = fuse(p_1, …, p_m) with "average" (default), per-sample entropy "weight", "log"
+(geometric mean) or "fitted" (per-modality weights fitted on validation) fusion; docs/fusion.md
+measures when each helps.
 
 GM rewrites the head's Linear layers by default. ``gm_scope`` s ∈ [0, 1] extends it into the
 encoder, as the paper's Table 4 does (30% of the parameters scored best on CREMA-D): Linear and
@@ -77,7 +79,7 @@ from ..models import eval_mode
 from ..optim import (GM_LAYERS, SAM, GradientModification, InputCovariance, flat_modification_from_means,
                      input_dim, matrix_stats)
 from .base import Method, fusion_param, require_two_modalities
-from .params import Param, boolean, modality_list, number, one_of
+from .params import Param, Space, boolean, modality_list, number, one_of
 
 
 def stage_lengths(v):
@@ -128,8 +130,10 @@ class MIE(Method):
     name = "mie"
     separate_modalities = True
     params = {
-        "tau": Param(0.4, number(above=0), "GM temperature τ: the sharpest direction is damped by e^{-τ} (paper 0.4)"),
-        "rho": Param(0.05, number(at_least=0), "SAM radius ρ"),
+        "tau": Param(0.4, number(above=0), "GM temperature τ: the sharpest direction is damped by e^{-τ} (paper 0.4)",
+                     Space("log", 0.04, 4.0)),          # ours: a decade each side of the paper's 0.4
+        "rho": Param(0.05, number(at_least=0), "SAM radius ρ",
+                     Space("log", 0.005, 0.5)),         # a decade each side; holds SAM's grid 0.01-0.5 (Foret et al.)
         "sam": Param(True, boolean, "SAM on each modality's parameters"),
         "gm": Param(True, boolean, "flat gradient modification"),
         "adaptive": Param(False, boolean, "ASAM's scale-invariant perturbation"),
@@ -145,8 +149,10 @@ class MIE(Method):
         "schedule": Param("modality", one_of("modality", "stage"),
                           "train.lr_step counts each modality's own epochs, or restarts every stage (authors' code)"),
         "objective": Param("paper", one_of("paper", "released"), "the paper's CE, or the released code's mixup"),
-        "mixup_alpha": Param(1.0, number(above=0), "released objective: λ ~ Beta(α, α)"),
-        "flat_weight": Param(0.3, number(at_least=0, at_most=1), "released objective: weight w of the clean CE"),
+        "mixup_alpha": Param(1.0, number(above=0), "released objective: λ ~ Beta(α, α)",
+                             Space("log", 0.1, 10.0)),  # ours (code: 1.0; 0.9 on Twitter)
+        "flat_weight": Param(0.3, number(at_least=0, at_most=1), "released objective: weight w of the clean CE",
+                             Space("float", 0.0, 1.0)),  # ours: the whole range (code: 0.3)
         "gm_into": Param(None, modality_list, "GM only into these modalities' updates (default: all)"),
         "diagnostics": Param(False, boolean, "write GM diagnostics into the run folder (spectra of Ȳ and T, "
                                              "gradient cosines before/after GM)"),

@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from ..errors import MieInputError
 from ..models import FUSIONS, MultiHeadModel
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 FEATURE_FUSIONS = ("concat", "sum")
 SPLITS = ("val", "train")
@@ -121,9 +121,12 @@ def miles_scales(scales, util, tau, mu):
 class MILES(SingleOptimizerMethod):
     name = "miles"
     params = {
-        "tau": Param(0.2, number(at_least=0, at_most=1), "τ: target difference threshold on δ = |u_A − u_B| (paper: 0.2)"),
-        "mu": Param(0.5, number(above=0, at_most=1), "μ: the dominant modality trains at μ × the global rate (paper: 0.5)"),
-        "gamma": Param(1.0, number(at_least=0), "γ: weight of each unimodal head's loss (paper, Eq. 3: 1)"),
+        "tau": Param(0.2, number(at_least=0, at_most=1), "τ: target difference threshold on δ = |u_A − u_B| (paper: 0.2)",
+                     Space("log", 0.02, 1.0)),  # ours: a decade below, up to the bound; holds Fig. 2's 0.05
+        "mu": Param(0.5, number(above=0, at_most=1), "μ: the dominant modality trains at μ × the global rate (paper: 0.5)",
+                    Space("float", 0.1, 0.9)),  # ours (1 would never slow the dominant modality)
+        "gamma": Param(1.0, number(at_least=0), "γ: weight of each unimodal head's loss (paper, Eq. 3: 1)",
+                       Space("log", 0.1, 10.0)),    # ours: a decade each side
         "feature_fusion": Param("concat", one_of(*FEATURE_FUSIONS),
                                 "fusion head input: concatenated (paper Table II) or summed (Table III) features"),
         "split": Param("val", one_of(*SPLITS), "split the utilisation rates are computed on (paper: val; "

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from ..models import FUSIONS, MultiHeadModel
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number
+from .params import Param, Space, number
 
 
 def pareto_weights(g_mm, g_u):
@@ -95,7 +95,8 @@ def pareto_gradients(g_mm, g_u, gamma=1.5):
 class MMPareto(SingleOptimizerMethod):
     name = "mmpareto"
     params = {
-        "gamma": Param(1.5, number(above=0), "γ: the encoders' gradient magnitude factor (the code's 1.5)"),
+        "gamma": Param(1.5, number(above=0), "γ: the encoders' gradient magnitude factor (the code's 1.5)",
+                       Space("log", 0.15, 15.0)),   # ours: a decade each side
         "fusion": fusion_param("model", FUSIONS),
     }
 

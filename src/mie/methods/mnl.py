@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from ..errors import MieInputError
 from ..models import FUSIONS
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 
 def mean_fusion(per_modality_logits):
@@ -110,7 +110,8 @@ class MNL(SingleOptimizerMethod):
     name = "mnl"
     params = {
         "fusion": fusion_param("model", FUSIONS),
-        "lam": Param(0.7, number(at_least=0), "weight λ of the negative-learning term (released --weight1)"),
+        "lam": Param(0.7, number(at_least=0), "weight λ of the negative-learning term (released --weight1)",
+                     Space("log", 0.07, 7.0)),  # ours: a decade each side
         "objective": Param("paper", one_of("paper", "released"),
                            "paper = base CE + λ·non-target term | released = the code's loss, which also adds "
                            "the guided modality's target CE on guided samples"),

@@ -84,7 +84,7 @@ from ..models import SharedHeadModel, eval_mode
 from ..optim import SAM, frozen_batchnorm_stats
 from .base import require_two_modalities
 from .joint import Joint, late_fusion_logits
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 MAX_MODALITIES = 10
 
@@ -142,7 +142,8 @@ class MSAM(Joint):
     params = {
         **Joint.params,
         "rho": Param(0.05, number(at_least=0), "SAM radius ρ of the dominant modality's perturbation (paper's value "
-                                               "unknown; SAM's default)"),
+                                               "unknown; SAM's default)",
+                     Space("log", 0.005, 0.5)),     # a decade each side; holds SAM's grid 0.01-0.5 (Foret et al.)
         "mask": Param("input", one_of("input", "output"),
                       "how a modality is removed for the coalition accuracies: input = all-zero input (AGM's "
                       "padding) | output = its logits (late) or features (shared head) zeroed"),

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from ..models import FUSIONS, MultiHeadModel, eval_mode
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 MONITORS = ("loss", "accuracy")
 RESTORE = ("modality", "none")
@@ -104,14 +104,17 @@ class MSES(SingleOptimizerMethod):
     stops_early = True
     params = {
         "patience": Param(5, number(at_least=0, integer=True),
-                          "P: a modality stops when its best epoch is more than P epochs back (ours: 5)"),
+                          "P: a modality stops when its best epoch is more than P epochs back (ours: 5)",
+                          Space("int", 1, 20)),         # ours (AGM's code: 10-80 for runs of 100 epochs)
         "monitor": Param("loss", one_of(*MONITORS), "validation signal of each modality's classifier"),
         "smoothing": Param(0.6, number(at_least=0, below=1),
-                           "β: score = β·previous value + (1−β)·current (AGM's 0.6; 0: raw values)"),
+                           "β: score = β·previous value + (1−β)·current (AGM's 0.6; 0: raw values)",
+                           Space("float", 0.0, 0.9)),   # ours; holds raw values (0) and AGM's 0.6
         "restore": Param("modality", one_of(*RESTORE),
                          "a stopping modality returns to its best epoch's weights (modality) or keeps its last (none)"),
         "min_delta": Param(0.0, number(at_least=0), "δ: the least change that counts as an improvement (ours)"),
-        "aux_weight": Param(1.0, number(at_least=0), "λ: weight of each modality classifier's loss (ours: 1)"),
+        "aux_weight": Param(1.0, number(at_least=0), "λ: weight of each modality classifier's loss (ours: 1)",
+                            Space("log", 0.1, 10.0)),   # ours: a decade each side
         "fusion": fusion_param("model", FUSIONS),
     }
 

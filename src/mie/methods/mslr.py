@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from ..errors import MieInputError
 from ..models import FUSIONS
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 STRATEGIES = ("dynamic", "keep", "cumulative")
 AGGREGATIONS = ("sum", "mean")
@@ -118,7 +118,8 @@ class MSLR(SingleOptimizerMethod):
         "strategy": Param("dynamic", one_of(*STRATEGIES),
                           "rule for r_m: dynamic (AGM's code) | keep | cumulative (ours: every H epochs, compounding)"),
         "initial_scale": Param(None, scale_map, "s_m = r_m(0) per modality, e.g. {pix: 1.0, zer: 10.0} (default 1)"),
-        "history": Param(5, number(at_least=1, integer=True), "H: validation accuracies the rule remembers"),
+        "history": Param(5, number(at_least=1, integer=True), "H: validation accuracies the rule remembers",
+                         Space("int", 2, 10)),  # ours
         "aggregation": Param("sum", one_of(*AGGREGATIONS), "training logits z = Σ_m z_m (sum) or their mean (ours)"),
         "fusion": fusion_param("model", FUSIONS),
     }

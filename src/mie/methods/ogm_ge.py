@@ -88,7 +88,7 @@ from ..errors import MieInputError
 from ..models import FUSIONS
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
 from .joint import late_fusion_logits
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 from .window import WINDOW_PARAMS, check_window, in_window
 
 GE_MODES = ("all", "dominant", "off")
@@ -96,7 +96,8 @@ SCOPES = ("encoder_weights", "encoder_4d", "encoder")
 
 # OGM's hyper-parameters, shared with OPM + OGM
 OGM_PARAMS = {
-    "alpha": Param(0.8, number(at_least=0), "modulation strength α in k = 1 − tanh(α·relu(ρ − c)) for ρ > 1"),
+    "alpha": Param(0.8, number(at_least=0), "modulation strength α in k = 1 − tanh(α·relu(ρ − c)) for ρ > 1",
+                   Space("log", 0.08, 8.0)),   # ours: a decade each side; holds the authors' 0.1 to 1.0
     "ratio_offset": Param(0.0, number(at_least=0),
                           "c: 0 = the paper's eq. 10 and the released codes, k = 1 − tanh(α·ρ); "
                           "1 = ours, k = 1 − tanh(α·(ρ − 1)), continuous at ρ = 1"),

@@ -88,7 +88,7 @@ from ..models import MultiHeadModel
 from ..models.multi_head import FUSED
 from ..optim import autocast_forwards
 from .base import SingleOptimizerMethod, require_two_modalities
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 ESTIMATES = ("copies", "heads")
 NEGATIVE_GAIN = ("abs", "zero")
@@ -153,7 +153,8 @@ def _copy_of(model, device):
 class GradientBlending(SingleOptimizerMethod):
     name = "ogr_gb"
     params = {
-        "blend_every": Param(10, number(at_least=1, integer=True), "n: epochs per super-epoch (BalanceBenchmark: 10)"),
+        "blend_every": Param(10, number(at_least=1, integer=True), "n: epochs per super-epoch (BalanceBenchmark: 10)",
+                             Space("int", 5, 20)),  # holds the paper's 10 and 5 (§3.3) and BalanceBenchmark's 10
         "estimate": Param("copies", one_of(*ESTIMATES),
                           "copies (the paper's: a copy per output, trained n epochs) | heads (ours: own heads)"),
         "negative_gain": Param("abs", one_of(*NEGATIVE_GAIN),

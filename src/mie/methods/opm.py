@@ -64,15 +64,18 @@ import torch.nn.functional as F
 
 from .joint import late_fusion_logits
 from .ogm_ge import OnTheFlyModulation, discrepancy_ratios, modality_scores
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 from .window import WINDOW_PARAMS
 
 RESCALES = ("shared", "modality")
 
 OPM_PARAMS = {
-    "q_base": Param(0.5, number(at_least=0, at_most=1), "base drop probability q_base"),
-    "lam": Param(0.5, number(at_least=0), "λ: how fast q grows with the dominant modality's lead"),
-    "p_exe": Param(0.7, number(at_least=0, at_most=1), "probability that a step executes the drop"),
+    "q_base": Param(0.5, number(at_least=0, at_most=1), "base drop probability q_base",
+                    Space("float", 0.1, 0.9)),  # ours; holds the authors' 0.4 (config.py) and 0.5 (main.py)
+    "lam": Param(0.5, number(at_least=0), "λ: how fast q grows with the dominant modality's lead",
+                 Space("log", 0.05, 5.0)),      # ours: a decade each side
+    "p_exe": Param(0.7, number(at_least=0, at_most=1), "probability that a step executes the drop",
+                   Space("float", 0.4, 1.0)),   # ours
     "rescale": Param("shared", one_of(*RESCALES),
                      "every modality's features × 1/(1 − θ), θ = mean q (the released code) | "
                      "kept features × 1/(1 − q_u) per dropped modality (ours)"),

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from ..errors import MieInputError
 from ..models import eval_mode
 from .joint import Joint
-from .params import Param, boolean, number, one_of
+from .params import Param, Space, boolean, number, one_of
 from .window import WINDOW_PARAMS, check_window, in_window
 
 
@@ -135,15 +135,18 @@ class PMR(Joint):
         "feature_fusion": Param("concat", one_of("late", "concat", "sum"),
                                 "where modalities meet: concat (the authors' default) | sum (one shared head) | "
                                 "late (a head each)"),
-        "alpha": Param(1.0, number(at_least=0), "weight α of the slower modality's prototype loss"),
+        "alpha": Param(1.0, number(at_least=0), "weight α of the slower modality's prototype loss",
+                       Space("log", 0.1, 10.0)),        # ours: a decade each side; holds the authors' bash.sh α = 2
         "rule": Param("sign", one_of("sign", "clip"),
                       "prototype-loss weight: sign = α·1[slower] (released code) | clip = α·clip(ρ−1, 0, 1) (opt-in)"),
-        "momentum": Param(0.2, number(at_least=0, below=1), "prototype momentum μ_p"),
+        "momentum": Param(0.2, number(at_least=0, below=1), "prototype momentum μ_p",
+                          Space("float", 0.0, 0.5)),    # ours; holds the authors' bash.sh μ_p = 0
         "proto_fraction": Param(0.1, number(above=0, at_most=1),
                                 "random fraction of the training set the prototypes are averaged over "
                                 "(0.1: released code; 1: all of it)"),
         "per": Param(False, boolean, "prototypical entropy regularisation of the faster modality (pmr_per; ours)"),
-        "mu": Param(0.01, number(at_least=0), "weight μ of the prototypical entropy regularisation (pmr_per)"),
+        "mu": Param(0.01, number(at_least=0), "weight μ of the prototypical entropy regularisation (pmr_per)",
+                    Space("log", 0.001, 0.1)),          # ours: a decade each side
         "per_epochs": Param(10, number(at_least=0, integer=True), "epochs of entropy regularisation (pmr_per)"),
         **WINDOW_PARAMS,
     }

@@ -85,7 +85,7 @@ from torch import nn
 from ..errors import MieInputError
 from ..models import FUSIONS, ClassifierHead, MultimodalModel, build_encoders
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, boolean, modality_list, number
+from .params import Param, Space, boolean, modality_list, number
 
 BOOST, RECTIFY = "boost", "rectify"
 
@@ -146,8 +146,10 @@ class ReconBoost(SingleOptimizerMethod):
         "epochs_per_stage": Param(4, number(at_least=1, integer=True), "phase-1 epochs of a stage (code: 4)"),
         "rectify_epochs": Param(4, number(at_least=0, integer=True),
                                 "global-rectification epochs after each phase 1 (code --correct_epoch: 4)"),
-        "w1": Param(5.0, number(above=0), "weight w1 of −log p_y (code --weight1: 5 on CREMA-D)"),
-        "w2": Param(1.0, number(at_least=0), "weight w2 of q_y·(−log p_y) (code --weight2: 1)"),
+        "w1": Param(5.0, number(above=0), "weight w1 of −log p_y (code --weight1: 5 on CREMA-D)",
+                    Space("log", 1.0, 25.0)),   # holds the code's 5 (CREMA-D), 4 (AVE, ModelNet40), 1 (MSA)
+        "w2": Param(1.0, number(at_least=0), "weight w2 of q_y·(−log p_y) (code --weight2: 1)",
+                    Space("log", 0.2, 5.0)),    # holds the code's 1 and 0.25 (MSA); w2 > w1 gives negative weights
         "alpha": Param(0.5, number(at_least=0),
                        "weight of the code's consolidation MSE, whose inputs are both detached: logged loss only"),
         "boost_rate": Param(1.0, number(), "β at the start (code --boost_rate: 1.0)"),

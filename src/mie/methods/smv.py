@@ -87,7 +87,7 @@ from torch.utils.data import Dataset
 from ..errors import MieInputError
 from ..models import FUSIONS, SharedHeadModel, eval_mode
 from .base import SingleOptimizerMethod, fusion_param, require_two_modalities
-from .params import Param, number, one_of
+from .params import Param, Space, number, one_of
 
 ALL = -1          # ``keep`` of an item that keeps every modality
 
@@ -183,7 +183,8 @@ class SMV(SingleOptimizerMethod):
                         "epochs on the plain training set before the first re-sampled one"),
         "part_ratio": Param(0.2, number(above=0, at_most=1),
                             "share of the training set whose mean φ_m gives the gaps (modality level)"),
-        "alpha": Param(1.0, number(at_least=0), "scale α of the number of copies (modality level)"),
+        "alpha": Param(1.0, number(at_least=0), "scale α of the number of copies (modality level)",
+                       Space("log", 0.1, 10.0)),    # ours: a decade each side
     }
 
     @classmethod
