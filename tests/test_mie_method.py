@@ -521,3 +521,40 @@ def test_checkpoint_keeps_batch_means_and_rebuilds_T():
     for t, u in zip(method.T["img"], again.T["img"]):
         assert torch.equal(t, u)
     assert all(torch.equal(t, torch.eye(t.shape[0], dtype=torch.float64)) for t in again.T["spec"])
+
+
+# ---- ensemble_weight: j's stage on (1 − λ) CE(z_j) + λ CE(z_j + Σ_{k≠j} z_k) ------------------
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_ensemble_weight_step_matches_hand_gradient(lam):
+    """One plain step (no SAM, no GM) against autograd on a copy: the others' logits come from their
+    eval-mode forward, carry no gradient, and nothing of theirs changes (BatchNorm buffers included)."""
+    model, method = _setup(sam=False, gm=False, ensemble_weight=lam)
+    xs, y = _batches(1)[0]
+    j = method.stage(0)[0]
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        others = []
+        for k in MODS:
+            if k != j:
+                ref.encoders[k].eval(), ref.heads[k].eval()
+                others.append(ref.forward_modality(k, xs[k]))
+    z = ref.forward_modality(j, xs[j])
+    loss = (1 - lam) * F.cross_entropy(z, y) + lam * F.cross_entropy(z + sum(others), y)
+    grads = torch.autograd.grad(loss, ref.modality_parameters(j))
+    before = _snapshot(model)
+    old_j = [p.detach().clone() for p in model.modality_parameters(j)]
+    logs = method.training_step((xs, y), make_step(0))
+    assert logs[f"loss_{j}"] == pytest.approx(loss.item(), rel=1e-10)
+    for p, o, g in zip(model.modality_parameters(j), old_j, grads):
+        torch.testing.assert_close(p.detach() - o, -LR * g, rtol=1e-6, atol=1e-12)
+    for name, value in _snapshot(model).items():
+        if name.split(".")[1] != j:
+            assert torch.equal(value, before[name]), name
+    assert all(m.training for m in model.modules())          # every module's mode given back
+
+
+def test_ensemble_weight_refused_with_released_objective():
+    with pytest.raises(MieInputError, match="ensemble_weight"):
+        MIE(ensemble_weight=0.5, objective="released")
+    assert "ensemble_weight" not in __import__("mie").methods.method_params("mie_released")

@@ -1,5 +1,5 @@
 """The ``mie`` command: train | eval | compare | benchmark | ablate | sweep | landscape | plot | bench |
-prepare | methods | datasets.
+tune | prepare | methods | datasets.
 
 Every command is a thin layer over the Python API. Bad input prints one line on stderr and
 exits with code 2.
@@ -138,6 +138,32 @@ def build_parser():
                    help="comma-separated methods or variants name:key=value[:key=value] (default joint,mie)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved turns; the fastest is kept (default 2)")
     p.add_argument("--out", metavar="DIR", help="also write bench.md and bench.csv here")
+
+    p = sub.add_parser("tune", help="fair tuning: an Optuna study per method with the same number of trials, each "
+                                    "scored on validation; the best parameters re-run over seeds (test read once)")
+    _common_args(p)
+    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--trials", required=True, type=int, metavar="N", help="trials per method (the same for each)")
+    p.add_argument("--budget", type=float, metavar="MINUTES",
+                   help="per method: no new trial starts once its study has taken this much wall time")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (trials, plots, final/, tune.md)")
+    p.add_argument("--storage", metavar="URL", help="the studies' database, any SQLAlchemy URL, e.g. "
+                                                    "postgresql://host/db (default sqlite:///DIR/tune.db)")
+    p.add_argument("--workers", type=int, default=1, metavar="K",
+                   help="worker processes on this machine, each with train.threads=1 (default 1)")
+    p.add_argument("--join", action="store_true",
+                   help="only work on the existing studies' remaining trials (another machine on one --storage)")
+    p.add_argument("--pruner", default="none", choices=["none", "median", "hyperband"],
+                   help="stop hopeless trials early on their validation score per epoch (default none)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the best parameters' re-run (default 0,1,2,3,4)")
+    p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
+                   help="search KEY (tau, method.tau, train.lr, model.dim) over SPEC: log:A:B, float:A:B, "
+                        "int:A:B, choice:a,b,c, or one value to fix it; repeatable")
+    p.add_argument("--space-file", metavar="FILE.yaml", help="spaces as {method or all: {key: spec}}")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    p.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
+                   help="a running trial's heartbeat; one silent for 4 beats (its process died) is run again "
+                        "(default 30)")
 
     sub.add_parser("methods", help="list the training methods and their hyper-parameters")
     sub.add_parser("datasets", help="list the built-in datasets")
@@ -311,6 +337,26 @@ def cmd_sweep(args):
     print((Path(args.out) / "sweep.md").read_text())
 
 
+def cmd_tune(args):
+    from .tune import read_space_file, tune
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    method_overrides, args.overrides = _method_overrides(args, methods)
+    fixed = list(method_overrides) + [".".join(config_mod.parse_override(t)[0]) for t in args.overrides]
+    entries = read_space_file(args.space_file, methods) if args.space_file else []
+    for text in args.space:
+        key, eq, spec = text.partition("=")
+        if not eq or not key.strip():
+            raise MieInputError(f"--space {text}: expected KEY=SPEC, e.g. train.lr=log:1e-4:1e-2 or tau=0.4")
+        entries.append(("all", key.strip(), spec.strip()))
+    summary = tune(_config(args), methods, args.trials, args.out, storage=args.storage, workers=args.workers,
+                   join=args.join, budget=args.budget, pruner=args.pruner, seeds=_ints(args.seeds, "--seeds"),
+                   space_entries=entries, fixed_keys=fixed, method_overrides=method_overrides,
+                   sampler_seed=args.sampler_seed, heartbeat=args.heartbeat, command=shlex.join(["mie", *args.argv]))
+    if summary is not None:
+        print((Path(args.out) / "tune.md").read_text())
+        _plot_after(Path(args.out) / "final")
+
+
 def cmd_plot(args):
     from .plots import plot_folder
     print(plot_folder(args.folder))
@@ -365,6 +411,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "bench
             "landscape": cmd_landscape,
             "ablate": cmd_ablate,
             "bench": cmd_bench,
+            "tune": cmd_tune,
             "methods": cmd_methods,
             "plot": cmd_plot,
             "datasets": cmd_datasets}
@@ -372,13 +419,15 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "bench
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")
 _OPTION = re.compile(r"^[A-Za-z_]\w*=")
+_KEY_VALUE_OPTIONS = ("--space",)     # options whose value looks like an override (train.lr=log:1e-4:1e-2)
 
 
 def parse_args(argv):
     """argparse, with ``section.key=value`` overrides accepted anywhere on the line."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if _OVERRIDE.match(a)]
-    rest = [a for a in argv if not _OVERRIDE.match(a)]
+    taken = [i for i, a in enumerate(argv) if _OVERRIDE.match(a) and not (i and argv[i - 1] in _KEY_VALUE_OPTIONS)]
+    overrides = [argv[i] for i in taken]
+    rest = [a for i, a in enumerate(argv) if i not in taken]
     options = [a for a in rest if _OPTION.match(a)] if rest[:1] == ["prepare"] else []
     args = build_parser().parse_args([a for a in rest if a not in options])
     if options:

@@ -28,20 +28,31 @@ from .methods import method_params
 from .train import output_folder, run
 
 
-def method_config(cfg, name, overrides):
+def method_config(cfg, name, overrides, own=None):
     """``cfg`` with the method section of ``name``: its defaults, updated by those ``overrides``
-    ({key: value}) that this method accepts."""
+    ({key: value}) that this method accepts, then by ``own`` ({key: value}, this method's alone: a
+    parameter of it, or a ``section.key`` of the config such as train.lr)."""
     params = method_params(name)
+    own = own or {}
     out = config_mod.merge(cfg, {})
-    out["method"] = {"name": name, **{k: v for k, v in overrides.items() if k in params}}
+    out["method"] = {"name": name, **{k: v for k, v in overrides.items() if k in params},
+                     **{k: v for k, v in own.items() if "." not in k}}
+    for key, value in own.items():
+        section, dot, field = key.partition(".")
+        if dot and (section not in ("data", "model", "train") or not field or "." in field):
+            raise MieInputError(f"setting '{key}' of {name}: expected a parameter of it or data|model|train.<key>")
+        if dot:
+            out[section][field] = value
     return config_mod.validate(out)
 
 
 def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, log=print, command=None,
-            reference=None, robustness=False):
+            reference=None, robustness=False, method_settings=None):
     """Run the grid; return the per-run rows. ``cfg``'s method section is ignored: each method
     starts from its own defaults, and ``method_overrides`` ({key: value}) are applied to every
-    method that has that hyper-parameter. ``reference``: the method every other is paired with
+    method that has that hyper-parameter; ``method_settings`` ({method: {key: value}}) to that method
+    alone (its parameters, or ``section.key`` settings such as train.lr: e.g. each one's tuned values,
+    ``mie tune``). ``reference``: the method every other is paired with
     (default ``joint`` when compared, else the first method). ``robustness``: also each run's fused
     test accuracy averaged over the missing rates 0, 0.1, …, 0.9 (``mie.robustness``)."""
     if not methods or not seeds:
@@ -53,13 +64,17 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
     unused = [k for k in overrides if not any(k in method_params(n) for n in methods)]
     if unused:
         raise MieInputError(f"no compared method has parameter(s) {', '.join(unused)}")
+    settings = dict(method_settings or {})
+    strangers = [m for m in settings if m not in methods]
+    if strangers:
+        raise MieInputError(f"settings given for {', '.join(strangers)}, which is not compared")
+    configs = {name: method_config(cfg, name, overrides, settings.get(name)) for name in methods}
     out = output_folder(out_dir)
     arrays = None if cfg["data"]["dataset"] in DISK_DATASETS else load_arrays(cfg)   # disk: read per run
     rows = []
     for name in methods:
         for seed in seeds:
-            result = run_or_load(method_config(cfg, name, overrides), seed, arrays, out / name / f"seed_{seed}",
-                                 progress)
+            result = run_or_load(configs[name], seed, arrays, out / name / f"seed_{seed}", progress)
             check_budget(result, cfg["train"]["epochs"])
             row = result_row(result)
             if robustness:

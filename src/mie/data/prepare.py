@@ -43,9 +43,16 @@ def load_arrays(cfg, data=None):
     return arrays.select(d["modalities"]) if d["modalities"] else arrays
 
 
+def split_seed(cfg):
+    """The seed the train/val/test split and the validation carve are drawn from: data.split_seed, or
+    the run's train.seed when that is None (or absent, in configs written before it existed)."""
+    seed = cfg["data"].get("split_seed")
+    return cfg["train"]["seed"] if seed is None else seed
+
+
 def prepare_arrays(arrays, cfg, standardizer=None):
     """Split (train/val/test), standardise with train statistics, wrap as Datasets."""
-    d, seed = cfg["data"], cfg["train"]["seed"]
+    d, seed = cfg["data"], split_seed(cfg)
     if d["num_classes"] is not None:
         if arrays.num_classes > d["num_classes"] or (arrays.classes and len(arrays.classes) != d["num_classes"]):
             raise MieInputError(f"data.num_classes={d['num_classes']} but the labels need {arrays.num_classes}")
@@ -98,7 +105,7 @@ def disk_datasets(cfg):
     if "modalities" in inspect.signature(bench.datasets).parameters:
         generic["modalities"] = d["modalities"]
     return call_with_options(bench.datasets, f"dataset '{bench.name}'", d["options"], d["root"],
-                             cfg["train"]["seed"], **generic)
+                             split_seed(cfg), **generic)
 
 
 def prepare_run(cfg, data=None):
@@ -108,7 +115,7 @@ def prepare_run(cfg, data=None):
     d = cfg["data"]
     if data is None and d["dataset"] in DISK_DATASETS:
         return prepare_datasets(disk_datasets(cfg), cfg, d["dataset"],
-                                f"{d['dataset']} prepared in {d['root']}, seed {cfg['train']['seed']}, "
+                                f"{d['dataset']} prepared in {d['root']}, seed {split_seed(cfg)}, "
                                 f"options {d['options'] or '(defaults)'}")
     if d["options"]:
         raise MieInputError("data.options are read by benchmarks on disk only (mie datasets lists them)")

@@ -36,6 +36,8 @@ METHODS = {
     "mie_released": (MIE, {"objective": "released"}, "MIE trained on the released code's objective: mixup CE + "
                                                       "clean-label CE (opt-in; the default is the paper's objective)"),
     "alternating": (MIE, {"sam": False, "gm": False}, "plain alternating unimodal training (no SAM, no GM)"),
+    "mie_recipe": (MIE, {"fusion": "log"}, "the recommended MIE recipe: MIE with the heads fused in log space "
+                                           "(docs/recipe.md; the paper's MIE is `mie`)"),
     "ogm_ge": (OGMGE, {}, "OGM-GE: dominant encoder's weight gradients × (1 − tanh(α·ρ)) for ρ > 1, + Gaussian noise (GE)"),
     "ogm": (OGMGE, {"ge": "off"}, "OGM: gradient modulation without the GE noise"),
     "opm": (OPM, {}, "OPM: drop the dominant modality's features with probability q in the forward pass"),

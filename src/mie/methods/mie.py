@@ -49,6 +49,18 @@ Each modality has its own optimizer (``SAM`` around the configured one when ``sa
 step pre-hook on it (``mie.optim.GradientModification``): a step is ``optimizer.step(closure)``,
 and GM rewrites the gradients between the second backward and the base step.
 
+``ensemble_weight`` = λ ∈ [0, 1] (ours; 0, the paper's objective, by default) trains the stage of
+j on a mix of its own loss and the loss of the ensemble it joins, the other modalities' logits
+held fixed (computed in eval mode, no gradient):
+
+    L = (1 − λ) · CE(z_j, y) + λ · CE(z_j + Σ_{k≠j} z_k, y)
+
+Only θ_j is updated, as in every MIE stage; the second term asks j to add what the others lack,
+the way gradient boosting (and ReconBoost's stage loss) fits each learner against the current
+ensemble. Independently trained heads err on the same samples, so their fusion gains little
+(docs/fusion.md); this term is what makes them complementary. Its natural inference rule is
+``log`` (softmax of the mean log-probabilities: the summed logits' argmax), as ``mie_recipe`` uses.
+
 Efficiency options (ours, after the cited papers; defaults leave every step a full SAM step):
 ``sam_every`` = k runs SAM's two passes on each modality's optimizer steps 0, k, 2k, … and a plain
 step with one pass in between (MosaicML Composer's SAM ``interval``); ``sam_reuse="looksam"``
@@ -145,6 +157,9 @@ class MIE(Method):
         "epochs_per_stage": Param(1, stage_lengths, "epochs of one stage (one number, or one per modality)"),
         "order": Param(None, modality_list, "the modality cycle (default: the data's order)"),
         "fusion": fusion_param("average"),
+        "ensemble_weight": Param(0.0, number(at_least=0, at_most=1),
+                                 "λ: weight of the ensemble loss CE(z_j + Σ z_k) in j's stage (0: the paper's CE)",
+                                 Space("float", 0.0, 1.0)),   # ours: the whole range
         "gm_scope": Param(0.0, number(at_least=0, at_most=1), "share of parameters GM reaches (0: the head)"),
         "schedule": Param("modality", one_of("modality", "stage"),
                           "train.lr_step counts each modality's own epochs, or restarts every stage (authors' code)"),
@@ -160,10 +175,16 @@ class MIE(Method):
     }
 
     @classmethod
+    def check_params(cls, values):
+        if values["ensemble_weight"] and values["objective"] != "paper":
+            raise MieInputError("method.ensemble_weight mixes the ensemble loss into the paper's objective; "
+                                "it cannot be used with objective 'released'")
+
+    @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive", "sam_every", "sam_reuse"} if fixed.get("sam") is False else set()) | \
                ({"tau", "gm_scope", "gm_into", "diagnostics"} if fixed.get("gm") is False else set()) | \
-               ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else set())
+               ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else {"ensemble_weight"})
 
     # ---- set-up -----------------------------------------------------------------------
     def setup(self, model, ctx):
@@ -239,15 +260,15 @@ class MIE(Method):
     def training_step(self, batch, step):
         xs, y = batch
         if self.alternation == "iteration":
-            return {f"loss_{j}": self._step(j, xs[j], y) for j in self.cycle}
+            return {f"loss_{j}": self._step(j, xs, y) for j in self.cycle}
         j = self.stage(step.epoch)[0]
-        return {f"loss_{j}": self._step(j, xs[j], y)}
+        return {f"loss_{j}": self._step(j, xs, y)}
 
-    def _step(self, j, x, y):
-        """One update of θ_j on (x, y): SAM's two passes (one pass between SAM steps when
+    def _step(self, j, xs, y):
+        """One update of θ_j on the batch (xs, y): SAM's two passes (one pass between SAM steps when
         ``sam_every`` > 1), GM (the optimizer's pre-hook), the step. Returns the pass-1 loss."""
         opt = self.optimizers[j]
-        objective = self._objective(x, y)
+        objective = self._objective(j, xs, y)
 
         def closure():
             loss = objective(j)
@@ -261,10 +282,26 @@ class MIE(Method):
             opt.step()
         return loss.detach()
 
-    def _objective(self, x, y):
-        """j → the loss of θ_j on this mini-batch; the same mixup draw serves both SAM passes."""
+    @torch.no_grad()
+    def _other_logits(self, j, xs):
+        """Σ_{k≠j} z_k (B, K) of the modalities not trained in this step, in eval mode, without gradient."""
+        others = [k for k in self.cycle if k != j]
+        with eval_mode(*(self.model.encoders[k] for k in others), *(self.model.heads[k] for k in others)):
+            return sum(self.model.forward_modality(k, xs[k]) for k in others)
+
+    def _objective(self, j, xs, y):
+        """j → the loss of θ_j on this mini-batch; the same mixup draw (and the same others' logits of
+        ``ensemble_weight``) serves both SAM passes."""
+        x = xs[j]
         if self.objective == "paper":
-            return lambda j: F.cross_entropy(self.model.forward_modality(j, x), y)
+            if not self.ensemble_weight:
+                return lambda j: F.cross_entropy(self.model.forward_modality(j, x), y)
+            lam, others = self.ensemble_weight, self._other_logits(j, xs)
+
+            def ensemble_loss(j):
+                z = self.model.forward_modality(j, x)
+                return (1 - lam) * F.cross_entropy(z, y) + lam * F.cross_entropy(z + others, y)
+            return ensemble_loss
         lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
         perm = torch.randperm(len(y)).to(y.device)
         mixed = lam * x + (1 - lam) * x[perm] if x.is_floating_point() else x
