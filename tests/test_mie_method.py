@@ -420,7 +420,7 @@ def test_released_objective_matches_hand_computation():
     method.model = model
     (xs, y), = _batches(n=1)
     torch.manual_seed(5)
-    loss = method._objective(xs["a"], y)("a")
+    loss = method._objective("a", xs, y)("a")
     torch.manual_seed(5)
     lam = torch.distributions.Beta(0.7, 0.7).sample().item()
     perm = torch.randperm(len(y))
@@ -440,7 +440,7 @@ def test_released_objective_leaves_token_ids_unmixed():
     method.model = type("M", (), {"forward_modality": lambda self, j, x: seen.append(x) or torch.zeros(len(x), 2,
                                                                                                   requires_grad=True)})()
     ids = torch.randint(0, 100, (4, 2, 6))
-    method._objective(ids, torch.tensor([0, 1, 0, 1]))("text")
+    method._objective("text", {"text": ids}, torch.tensor([0, 1, 0, 1]))("text")
     assert torch.equal(seen[0], ids)
 
 

@@ -8,6 +8,7 @@ from .domfn import DOMFN
 from .greedy import Greedy
 from .joint import Joint
 from .mie import MIE
+from .mie_recipe import MIERecipe
 from .miles import MILES
 from .mla import MLA
 from .mmpareto import MMPareto
@@ -36,8 +37,8 @@ METHODS = {
     "mie_released": (MIE, {"objective": "released"}, "MIE trained on the released code's objective: mixup CE + "
                                                       "clean-label CE (opt-in; the default is the paper's objective)"),
     "alternating": (MIE, {"sam": False, "gm": False}, "plain alternating unimodal training (no SAM, no GM)"),
-    "mie_recipe": (MIE, {"fusion": "log"}, "the recommended MIE recipe: MIE with the heads fused in log space "
-                                           "(docs/recipe.md; the paper's MIE is `mie`)"),
+    "mie_recipe": (MIERecipe, {}, "the recommended MIE recipe: MIE whose stages also fit the ensemble "
+                                  "(ensemble_weight 0.5), heads fused in log space (docs/recipe.md)"),
     "ogm_ge": (OGMGE, {}, "OGM-GE: dominant encoder's weight gradients × (1 − tanh(α·ρ)) for ρ > 1, + Gaussian noise (GE)"),
     "ogm": (OGMGE, {"ge": "off"}, "OGM: gradient modulation without the GE noise"),
     "opm": (OPM, {}, "OPM: drop the dominant modality's features with probability q in the forward pass"),
