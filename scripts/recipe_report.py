@@ -56,10 +56,10 @@ def task_lines(task, rows, methods, reference="joint"):
         mean, half, won, n = paired_differences(rows, [RECIPE], other)[RECIPE]
         interval = "n/a" if half is None else f"[{mean - half:+.4f}, {mean + half:+.4f}]"
         lines.append(f"| {other} | {mean:+.4f} | {interval} | {won}/{n} |")
-        verdicts[f"fused ≥ {other}"] = mean >= 0
+        verdicts[f"fused ≥ {other}"] = (mean >= 0, f"{mean:+.4f}")
     weakest = min(mods, key=lambda m: mean_of(rows, RECIPE, f"test_acc_{m}")[0])
     mine, theirs = mean_of(rows, RECIPE, f"test_acc_{weakest}")[0], mean_of(rows, reference, f"test_acc_{weakest}")[0]
-    verdicts[f"weakest modality ({weakest}) above {reference}'s"] = mine > theirs
+    verdicts[f"weakest modality above {reference}'s"] = (mine > theirs, f"{weakest} {mine:.3f} vs {theirs:.3f}")
     lines += ["", f"The recipe's weakest modality alone: {weakest} {mine:.4f} against {reference}'s {theirs:.4f}.", ""]
     return lines, verdicts
 
@@ -80,7 +80,8 @@ def report(root, tasks):
            "## Verdicts", "", "| task | " + " | ".join(verdict_rows[0][1]) + " |",
            "|---|" + "---|" * len(verdict_rows[0][1])]
     for task, verdicts in verdict_rows:
-        out.append(f"| {task} | " + " | ".join("yes" if v else "**no**" for v in verdicts.values()) + " |")
+        out.append(f"| {task} | " + " | ".join(f"{'yes' if ok else '**no**'} ({why})" for ok, why in verdicts.values())
+                   + " |")
     out += ["", "## Per task", ""] + sections + ["## Best parameters found by each task's tuning", ""]
     keys = sorted({k for params in best.values() for k in params.get(RECIPE, {})})
     out += [f"`{RECIPE}`:", "", "| task | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]

@@ -381,3 +381,22 @@ def test_without_optuna_one_line_says_what_to_install(toy, tmp_path, monkeypatch
     rc = main(["tune", "--data", "toy.npz", "--methods", "joint", "--trials", "2", "--out", "o", *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and 'pip install -e ".[tune]"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_importances_skipped_with_a_reason_when_every_trial_scored_the_same(tmp_path):
+    """fANOVA cannot split zero variance (a validation set every trial gets all right): a note, no crash."""
+    import types
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from mie.tune_report import draw_plots
+    pytest.importorskip("matplotlib")
+    study = optuna.create_study(direction="maximize")
+    dists = {"tau": FloatDistribution(0.1, 1.0, log=True), "train.lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    for i in range(5):
+        study.add_trial(optuna.trial.create_trial(params={"tau": 0.1 + 0.1 * i, "train.lr": 1e-3}, distributions=dists,
+                                                  value=1.0))
+    sp = types.SimpleNamespace(method="mie", cfg={"train": {"select_on": "accuracy"}}, space=dists)
+    notes = draw_plots(study, sp, tmp_path)
+    assert notes == ["mie: no parameter importances: every complete trial scored 1.0000, so no parameter explains "
+                     "any variance"]
+    assert (tmp_path / "mie_history.png").is_file() and not (tmp_path / "mie_importance.png").exists()

@@ -1,6 +1,7 @@
 """What ``mie tune`` leaves once every study is done: best_params.yaml, the re-run of each method's
 best parameters over the seeds (``mie compare`` into final/, test read once per run), Optuna's plots
 per method (optimization history; parameter importances) as PNGs, and tune.md summarising it all."""
+import warnings
 from pathlib import Path
 
 import yaml
@@ -62,16 +63,22 @@ def draw_plots(study, sp, folder):
     if note:
         return [f"{sp.method}: {note}"]
     import matplotlib
+    from optuna.exceptions import ExperimentalWarning
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as optuna_plots
     pyplot()
     notes = []
     n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    with matplotlib.rc_context():     # Optuna's plots set a global style
+    with matplotlib.rc_context(), warnings.catch_warnings():     # Optuna's plots set a global style
+        warnings.simplefilter("ignore", ExperimentalWarning)     # its matplotlib plots are "experimental"
         ax = optuna_plots.plot_optimization_history(study, target_name=f"validation {sp.cfg['train']['select_on']}")
         _title(ax, f"{sp.method}: optimization history")
         save_figure(ax.figure, Path(folder) / f"{sp.method}_history.png")
-        if len(sp.space) >= 2 and n >= MIN_IMPORTANCE_TRIALS:
+        values = {t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        if len(sp.space) >= 2 and n >= MIN_IMPORTANCE_TRIALS and len(values) == 1:
+            notes.append(f"{sp.method}: no parameter importances: every complete trial scored {values.pop():.4f}, "
+                         "so no parameter explains any variance")
+        elif len(sp.space) >= 2 and n >= MIN_IMPORTANCE_TRIALS:
             ax = optuna_plots.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
             _title(ax, f"{sp.method}: parameter importances (fANOVA)")
             save_figure(ax.figure, Path(folder) / f"{sp.method}_importance.png")
