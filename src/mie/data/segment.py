@@ -10,15 +10,14 @@ without importing it; nothing is downloaded. No split ships with this copy: a st
 made from the run's seed.
 """
 import csv
-import importlib.util
 import io
 import zipfile
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import MieInputError
 from .arrays import MultimodalArrays
+from .packaged import package_path
 
 VIEWS = {
     "shape": ("region-centroid-col", "region-centroid-row", "short-line-density-5", "short-line-density-2",
@@ -29,14 +28,8 @@ VIEWS = {
 
 
 def segment_file():
-    """The path of river's segment.csv.zip, found without importing river."""
-    spec = importlib.util.find_spec("river")
-    if spec is None or not spec.submodule_search_locations:
-        raise MieInputError("dataset 'segment' needs the river package: pip install river")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "segment.csv.zip"
-    if not path.is_file():
-        raise MieInputError(f"river is installed but {path} is missing; reinstall river")
-    return path
+    """The path of river's segment.csv.zip."""
+    return package_path("river", "datasets/segment.csv.zip", "segment", "pip install river")
 
 
 def load_segment():
