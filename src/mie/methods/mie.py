@@ -158,8 +158,8 @@ class MIE(Method):
         "order": Param(None, modality_list, "the modality cycle (default: the data's order)"),
         "fusion": fusion_param("average"),
         "ensemble_weight": Param(0.0, number(at_least=0, at_most=1),
-                                 "λ: weight of the ensemble loss CE(z_j + Σ z_k) in j's stage (0: the paper's CE; "
-                                 "not searched for the paper's method, searched in mie_recipe)"),
+                                 "λ: weight of the ensemble loss CE(z_j + Σ z_k) in j's stage (0: the paper's "
+                                 "CE; mie_recipe tunes it)"),
         "gm_scope": Param(0.0, number(at_least=0, at_most=1), "share of parameters GM reaches (0: the head)"),
         "schedule": Param("modality", one_of("modality", "stage"),
                           "train.lr_step counts each modality's own epochs, or restarts every stage (authors' code)"),
