@@ -266,6 +266,7 @@ def test_a_killed_run_resumes_to_exactly_n_complete_trials(toy, tmp_path):
         assert trials[number].state.name == "FAIL"
         retry = [t for t in complete if t.system_attrs.get("failed_trial") == number]
         assert len(retry) == 1 and (not params or retry[0].params == params)
+    assert f"| joint | 3 | 0 | 0 | 0 | {len(running)} |" in (out / "tune.md").read_text()   # killed, run again
     _assert_no_test_numbers(trials, out / "trials")
 
 
@@ -284,7 +285,7 @@ def test_the_median_pruner_stops_a_clearly_worse_trial(toy, tmp_path, monkeypatc
     trials = _studies(out / "tune.db")["joint@toy.npz:a,b"]
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert trials[2].user_attrs["pruned_at"] == "epoch 1" and max(trials[2].intermediate_values) == 1
-    assert "| joint | 2 | 1 | 0 | 0 |" in (out / "tune.md").read_text()
+    assert "| joint | 2 | 1 | 0 | 0 | 0 |" in (out / "tune.md").read_text()
     assert "joint trial 2: pruned at epoch 1" in capsys.readouterr().out
 
 

@@ -115,15 +115,15 @@ def tune_markdown(plan, rows, best, skipped, seeds, split_seed, plot_notes, comm
         f"from seed 0's initialisation, scored on validation {select_on} of the checkpoint validation chose; no "
         "trial reads test. Trial 0 of each study runs the method's defaults (those inside its space).",
         f"Studies in `{plan.storage}`: " + ", ".join(f"`{sp.name}`" for sp in plan.studies) + ".", "",
-        f"| method | complete | pruned | failed | not run | minutes | best val {select_on} | best trial | "
-        "best parameters |", "|---|---|---|---|---|---|---|---|---|"]
+        f"| method | complete | pruned | failed | not run | killed, run again | minutes | best val {select_on} | "
+        "best trial | best parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
     for sp in plan.studies:
         row = rows[sp.method]
         c, trial = row["counts"], row["best"]
         params = ", ".join(f"{k}={_number(v)}" for k, v in best.get(sp.method, {}).items()) or "–"
         score, number = (f"{trial.value:.4f}", str(trial.number)) if trial else ("–", "–")
         lines.append(f"| {sp.method} | {c.get('complete', 0)} | {c.get('pruned', 0)} | {c.get('fail', 0)} | "
-                     f"{c.get('waiting', 0)} | {row['minutes']:.1f} | {score} | {number} | {params} |")
+                     f"{c.get('waiting', 0)} | {c['retried']} | {row['minutes']:.1f} | {score} | {number} | {params} |")
     lines += ["", "Searched: " + " · ".join(f"{sp.method}: {_space_text(sp.space)}" for sp in plan.studies) + "."]
     if skipped:
         lines.append(f"Not re-run (no complete trial): {', '.join(skipped)}.")

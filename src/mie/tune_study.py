@@ -118,10 +118,11 @@ def _flat(settings, prefix=""):
 
 
 def trial_counts(study):
-    """{state name (lower case): n} of a study's trials, stale trials that were queued again left out."""
+    """{state name (lower case): n} of a study's trials, stale trials that were queued again left out
+    and counted under "retried" (attempts whose process died; each was run again)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback as retry
     retried = {n for t in study.get_trials(deepcopy=False) for n in retry.retry_history(t)}
-    counts = {}
+    counts = {"retried": len(retried)}
     for t in study.get_trials(deepcopy=False):
         if t.number not in retried:
             counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
