@@ -385,6 +385,36 @@ def test_recomputed_T_used_after_a_full_cycle():
     _check_step(model, method, 4, "b", "a", sam=False, batch=batches[0])
 
 
+def _run_epochs(method, batches, epochs):
+    for epoch in epochs:
+        method.start_epoch(epoch)
+        for xs, y in batches:
+            method.training_step((xs, y), make_step(epoch))
+        method.end_epoch(epoch)
+
+
+@pytest.mark.parametrize("alternation, kept, refreshed", [("stage", 3, 6), ("iteration", 1, 2)])
+def test_gm_refresh_recomputes_T_after_every_rth_stage_only(alternation, kept, refreshed):
+    """gm_refresh=2 with stages a, b, c of one epoch: T^(a) is computed after a's 1st stage (loop epoch
+    0), kept after its 2nd (epoch 3) though a's weights moved, and recomputed after its 3rd (epoch 6)
+    from the model as it is then; under per-batch alternation, after epochs 0 and 2 but not 1."""
+    batches = _batches(n=2, size=5, seed=18)
+    model = _model()
+    method = MIE(tau=TAU, rho=RHO, sam=False, gm=True, gm_refresh=2, alternation=alternation)
+    method.setup(model, make_context(MODS, lr=LR, train_batches=batches, epochs_per_modality=3))
+    _run_epochs(method, batches, [0])
+    first = [t.clone() for t in method.T["a"]]
+    for t, e in zip(first, _hand_T(model, "a", batches)):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
+    _run_epochs(method, batches, range(1, kept + 1))
+    for t, e in zip(method.T["a"], first):
+        assert torch.equal(t, e)
+    assert max((t - e).abs().max() for t, e in zip(_hand_T(model, "a", batches), first)) > 1e-6
+    _run_epochs(method, batches, range(kept + 1, refreshed + 1))
+    for t, e in zip(method.T["a"], _hand_T(model, "a", batches)):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
+
+
 def test_iteration_alternation_recomputes_every_T():
     batches = _batches(n=2, size=5, seed=16)
     model, method = _setup(batches=batches, sam=True, gm=True, alternation="iteration")

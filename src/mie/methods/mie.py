@@ -66,7 +66,11 @@ Efficiency options (ours, after the cited papers; defaults leave every step a fu
 step with one pass in between (MosaicML Composer's SAM ``interval``); ``sam_reuse="looksam"``
 makes those plain steps use g + α (‖g‖/‖g_v‖) g_v, g_v being the part of the last SAM gradient
 orthogonal to its g (LookSAM, Liu et al., CVPR 2022; α = 0.7). GM rewrites the stepped gradient
-in plain steps too. ``mie.optim.SAM`` documents both.
+in plain steps too. ``mie.optim.SAM`` documents both. ``gm_refresh`` = r recomputes T^(j) after
+j's 1st, (r+1)-th, (2r+1)-th … stage and keeps the last T^(j) in between (after every r-th epoch
+under ``alternation="iteration"``), cutting the covariance passes to 1/r (ours: the amortisation
+that K-FAC, Martens & Grosse, ICML 2015, applies to its curvature inverses, recomputed only every
+T₃ iterations).
 
 ``sam`` and ``gm`` switch the two ingredients off, so the paper's ablation (neither / SAM only /
 GM only / both) is four runs of this method; ``gm_into`` applies GM to the updates of the listed
@@ -160,6 +164,8 @@ class MIE(Method):
         "ensemble_weight": Param(0.0, number(at_least=0, at_most=1),
                                  "λ: weight of the ensemble loss CE(z_j + Σ z_k) in j's stage (0: the paper's "
                                  "CE; mie_recipe tunes it)"),
+        "gm_refresh": Param(1, number(at_least=1, integer=True),
+                            "T^(j) recomputed after every r-th stage of j, reused in between (1: every stage)"),
         "gm_scope": Param(0.0, number(at_least=0, at_most=1), "share of parameters GM reaches (0: the head)"),
         "schedule": Param("modality", one_of("modality", "stage"),
                           "train.lr_step counts each modality's own epochs, or restarts every stage (authors' code)"),
@@ -183,7 +189,7 @@ class MIE(Method):
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive", "sam_every", "sam_reuse"} if fixed.get("sam") is False else set()) | \
-               ({"tau", "gm_scope", "gm_into", "diagnostics"} if fixed.get("gm") is False else set()) | \
+               ({"tau", "gm_scope", "gm_into", "gm_refresh", "diagnostics"} if fixed.get("gm") is False else set()) | \
                ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else {"ensemble_weight"})
 
     # ---- set-up -----------------------------------------------------------------------
@@ -331,15 +337,19 @@ class MIE(Method):
         if self.alternation == "iteration":
             logs = self._gm_logs(self.cycle[0], list(self.gm_hooks.values()))
             self._diagnose_steps(epoch, self.cycle)
-            if self.gm and self._read_by_targets(self.cycle):
+            if self.gm and self._read_by_targets(self.cycle) and epoch % self.gm_refresh == 0:
                 self.recompute(self._read_by_targets(self.cycle), epoch)
             return logs
         j, k, last = self.stage(epoch)
         logs = {"active": j, **self._gm_logs(j, [self.gm_hooks[j]] if self.gm else [])}
         self._diagnose_steps(epoch, [j])
-        if last and self.gm and self._read_by_targets([j]):
+        if last and self.gm and self._read_by_targets([j]) and (self.stages_ended(j, epoch) - 1) % self.gm_refresh == 0:
             self.recompute([j], epoch)
         return logs
+
+    def stages_ended(self, j, epoch):
+        """How many stages of j have ended by the end of loop epoch ``epoch`` (stage mode)."""
+        return sum(m == j and within + 1 == length for m, within, length in self.plan[:epoch + 1])
 
     def _read_by_targets(self, modalities):
         """Those of ``modalities`` whose T a modality in ``gm_into`` reads (their successor)."""

@@ -84,9 +84,10 @@ def layer_input_columns(layer, x):
     the mean input vector z̄ (c = 1); for a convolution the patches u_p of the batch-mean input, one
     per output position (C × k₁ × … in the order of ``weight[o]``), taken as strided views of the
     zero-padded input."""
-    x = x.detach().to(torch.float64)
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, layer.in_features).mean(dim=0)[:, None]
+    x = x.detach()
+    if isinstance(layer, nn.Linear):     # the float64 mean of the float32 rows, without a float64 copy
+        return x.reshape(-1, layer.in_features).mean(dim=0, dtype=torch.float64)[:, None]
+    x = x.to(torch.float64)
     n = x.ndim - 2
     x = F.pad(x.mean(dim=0, keepdim=True), [p for p in reversed(layer.padding) for _ in range(2)])
     for i in range(n):   # dim 2 + i → output positions; a new last dim → the kernel's reach
@@ -158,14 +159,17 @@ class InputCovariance:
         self.layers = list(layers)
         self.dims = [input_dim(l) for l in self.layers]
         self.blocks = [[] for _ in self.layers]
+        self.columns = [0 for _ in self.layers]
         self._handles = []
 
     def _hook(self, index):
         def hook(module, inputs, output):
             blocks = self.blocks[index]
             blocks.append(layer_input_columns(module, inputs[0]).cpu())    # float64 (bf16 under AMP)
-            if sum(b.shape[1] for b in blocks) > 2 * self.dims[index]:
+            self.columns[index] += blocks[-1].shape[1]
+            if self.columns[index] > 2 * self.dims[index]:
                 self.blocks[index] = [torch.linalg.qr(torch.cat(blocks, dim=1).T, mode="r").R.T]
+                self.columns[index] = self.blocks[index][0].shape[1]
         return hook
 
     def __enter__(self):
@@ -197,6 +201,7 @@ class InputCovariance:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, self.blocks)
             self.blocks = [[b for rank_blocks in gathered for b in rank_blocks[i]] for i in range(len(self.layers))]
+            self.columns = [sum(b.shape[1] for b in blocks) for blocks in self.blocks]
 
 
 def modify_gradient(layer, T):
@@ -210,7 +215,7 @@ def modify_gradient(layer, T):
         raise ValueError(f"T of shape {tuple(T.shape)} does not fit a {type(layer).__name__} with d_in={matrix.shape[1]}")
     new = matrix @ T.to(dtype=grad.dtype, device=grad.device)
     norm = matrix.norm()
-    change = torch.where(norm > 0, (new - matrix).norm() / norm, torch.zeros_like(norm))
+    change = torch.where(norm > 0, torch.dist(new, matrix) / norm, torch.zeros_like(norm))
     layer.weight.grad = new.reshape(grad.shape)
     return change
 
