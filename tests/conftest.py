@@ -32,14 +32,15 @@ TINY = ["train.epochs=2", "train.batch_size=32", "model.dim=16", "model.head_hid
 def make_context(modalities, lr=0.1, train_batches=(), evaluate=None, epochs_per_modality=6,
                  make_optimizer=None):
     """A ``TrainContext`` for driving a method by hand: SGD at ``lr`` (unless ``make_optimizer``),
-    ``train_batches`` a list of ``Batch``es, ``evaluate`` split → metrics (default: refuses)."""
+    ``train_batches`` a list of ``Batch``es (given in that order whatever the ``shuffle`` asked for),
+    ``evaluate`` split → metrics (default: refuses)."""
     from mie.train import TrainContext
 
     def refuse(split):
         raise AssertionError(f"the method asked for an evaluation of {split}")
     return TrainContext(modalities=list(modalities), device=torch.device("cpu"),
                         make_optimizer=make_optimizer or (lambda params, lr_=None: torch.optim.SGD(list(params), lr=lr_ or lr)),
-                        train_batches=lambda: iter(list(train_batches)), evaluate=evaluate or refuse,
+                        train_batches=lambda shuffle=None: iter(list(train_batches)), evaluate=evaluate or refuse,
                         epochs_per_modality=epochs_per_modality)
 
 

@@ -415,6 +415,31 @@ def test_gm_refresh_recomputes_T_after_every_rth_stage_only(alternation, kept, r
         torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
 
 
+def test_gm_batches_shuffled_takes_the_covariance_over_reshuffled_batches():
+    """gm_batches="shuffled" asks the loop for the training data in the permutation keyed by the loop
+    epoch after which T is recomputed, and Ȳ sums the batch means of those batches (batch means, not
+    their order, make Ȳ: the batches are re-cut from shuffled samples here)."""
+    batches = _batches(n=3, size=4, seed=19)
+    xs_all = {m: torch.cat([xs[m] for xs, _ in batches]) for m in MODS}
+    asked = []
+
+    def train_batches(shuffle=None):
+        asked.append(shuffle)
+        order = torch.arange(12) if shuffle is None else torch.randperm(12, generator=torch.Generator().manual_seed(shuffle))
+        return iter([({m: xs_all[m][order[i:i + 4]] for m in MODS}, None) for i in range(0, 12, 4)])
+    model = _model()
+    method = MIE(tau=TAU, rho=RHO, sam=False, gm=True, gm_batches="shuffled")
+    ctx = make_context(MODS, lr=LR, train_batches=batches)
+    ctx.train_batches = train_batches
+    method.setup(model, ctx)
+    method.recompute(["b"], epoch=5)
+    assert asked == [5]
+    shuffled = list(train_batches(5))
+    for t, e, plain in zip(method.T["b"], _hand_T(model, "b", shuffled), _hand_T(model, "b", batches)):
+        torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
+        assert (e - plain).abs().max() > 1e-4
+
+
 def test_iteration_alternation_recomputes_every_T():
     batches = _batches(n=2, size=5, seed=16)
     model, method = _setup(batches=batches, sam=True, gm=True, alternation="iteration")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from . import config as config_mod
@@ -40,7 +40,8 @@ class TrainContext:
     modalities: list
     device: torch.device
     make_optimizer: callable     # (params or param groups, lr=None) → torch.optim.Optimizer from train.*
-    train_batches: callable      # () → iterator over unshuffled training ``Batch``es on device
+    train_batches: callable      # (shuffle=None) → iterator over the training ``Batch``es on device, in the
+                                 # data's order, or, for an integer key, in an order drawn from (seed, key)
     evaluate: callable           # ("train" | "val", model=None, predict=None) → metrics of the model as it is
                                  # now (cached), or of another model the method trains
     epochs_per_modality: int
@@ -269,8 +270,17 @@ class Run:
         self.writer = None
 
     # ---- what the method gets through the context ---------------------------------------
-    def train_batches(self):
-        return (to_device(batch, self.device, self.modalities) for batch in self.eval_loaders["train"])
+    def train_batches(self, shuffle=None):
+        """Every training sample once, in evaluation-sized batches: in the data's order, or, for an integer
+        ``shuffle``, in a permutation drawn from (train.seed, shuffle) alone — the same on every rank and
+        after a resume, and nothing drawn from the run's random streams."""
+        batches = self.eval_loaders["train"]
+        if shuffle is not None:
+            order = torch.Generator().manual_seed(self.train_cfg["seed"] * 1_000_003 + shuffle)
+            batches = DataLoader(self.prepared.datasets["train"], batch_size=batches.batch_size,
+                                 sampler=RandomSampler(self.prepared.datasets["train"], generator=order),
+                                 num_workers=batches.num_workers, collate_fn=collate, generator=torch.Generator())
+        return (to_device(batch, self.device, self.modalities) for batch in batches)
 
     def evaluate(self, split):
         """Metrics of the model as it is now on ``split``; computed once per state of the model. For a

@@ -166,6 +166,9 @@ class MIE(Method):
                                  "CE; mie_recipe tunes it)"),
         "gm_refresh": Param(1, number(at_least=1, integer=True),
                             "T^(j) recomputed after every r-th stage of j, reused in between (1: every stage)"),
+        "gm_batches": Param("data", one_of("data", "shuffled"),
+                            "batches of the covariance pass: the data's order, or shuffled as the released code's "
+                            "training loader"),
         "gm_scope": Param(0.0, number(at_least=0, at_most=1), "share of parameters GM reaches (0: the head)"),
         "schedule": Param("modality", one_of("modality", "stage"),
                           "train.lr_step counts each modality's own epochs, or restarts every stage (authors' code)"),
@@ -189,7 +192,7 @@ class MIE(Method):
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive", "sam_every", "sam_reuse"} if fixed.get("sam") is False else set()) | \
-               ({"tau", "gm_scope", "gm_into", "gm_refresh", "diagnostics"} if fixed.get("gm") is False else set()) | \
+               ({"tau", "gm_scope", "gm_into", "gm_refresh", "gm_batches", "diagnostics"} if fixed.get("gm") is False else set()) | \
                ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else {"ensemble_weight"})
 
     # ---- set-up -----------------------------------------------------------------------
@@ -392,7 +395,8 @@ class MIE(Method):
         with eval_mode(self.model), ExitStack() as stack:
             for c in collectors.values():
                 stack.enter_context(c)
-            for xs, _ in self.ctx.train_batches():
+            order = None if self.gm_batches == "data" else (epoch or 0)
+            for xs, _ in self.ctx.train_batches(shuffle=order):
                 for m in modalities:
                     self.model.forward_modality(m, xs[m])
         names = {id(mod): name for name, mod in self.model.named_modules()}
