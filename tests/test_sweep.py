@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import scipy.stats
 import pytest
 import yaml
 
@@ -62,6 +63,15 @@ def test_table_statistics_equal_numpy():
         x = np.array([r["test_acc_b"] for r in rows if r["value"] == s["value"]])
         assert f"{x.mean():.4f} ± {x.std(ddof=1):.4f}" in text
     assert summarize(_rows([[0.7]], [[0.6]]), ["v0"])[0]["val_accuracy"] == (0.7, 0.0)    # one seed: std 0
+
+
+def test_each_value_is_paired_by_seed_with_the_first():
+    rows = _rows(val=[[0.5] * 3] * 2, test=[[0.70, 0.80, 0.75], [0.72, 0.83, 0.76]])
+    text = sweep_markdown(rows, summarize(rows, ["v0", "v1"]), "tau", CFG, [0, 1, 2])
+    d = np.array([0.02, 0.03, 0.01])
+    half = scipy.stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert "Paired by seed against `tau=v0`" in text
+    assert (f"| tau=v1 | 3 | {d.mean():+.4f} | [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}] | 3/3 |" in text)
 
 
 def test_best_value_is_chosen_on_validation_not_test():

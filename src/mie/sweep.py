@@ -7,7 +7,8 @@ the values are a comma-separated list (numbers, strings, true/false, [lists], {m
 against what the method or config accepts before anything runs. Writes, under the output folder,
 one run folder per (value, seed), ``sweep.csv`` (one row per run), ``sweep.md`` (per value: validation
 and test accuracy mean ± std over the seeds, each modality's test accuracy, n; the best value on mean
-validation accuracy in bold), and ``sweep.png`` with its data ``sweep_curve.csv`` (validation and test
+validation accuracy in bold; each value's test accuracy paired by seed with the first value's, with its
+95% interval), and ``sweep.png`` with its data ``sweep_curve.csv`` (validation and test
 accuracy against the value, ± std bands, the validation-best value marked; a log x-axis for log ranges
 and for positive lists spanning two decades or more). Test accuracy is read once per run and plays no
 part in the choice. Finished runs are read back, so an interrupted sweep continues where it stopped.
@@ -21,7 +22,8 @@ import numpy as np
 import yaml
 
 from . import config as config_mod
-from .compare import budget_line, check_budget, machine_line, mean_std, result_row, run_line, run_or_load
+from .compare import (budget_line, check_budget, machine_line, mean_std, paired_table, result_row, run_line,
+                      run_or_load)
 from .config import FLOAT
 from .data import DISK_DATASETS
 from .data.prepare import load_arrays
@@ -229,7 +231,9 @@ def sweep_markdown(rows, summary, name, cfg, seeds, command=None):
             value, cells[0] = f"**{value}**", f"**{cells[0]}**"
         lines.append(f"| {value} | {s['n']} | " + " | ".join(cells) + f" | {s['seconds'][0]:.1f} |")
     data = cfg["data"]["dataset"] or cfg["data"]["path"]
-    notes = ([f"Command: `{command}`"] if command else []) + [
+    labelled = [{**r, "method": f"{name}={r['value']}"} for r in rows]
+    paired = paired_table(labelled, [f"{name}={s['value']}" for s in summary], f"{name}={summary[0]['value']}")
+    notes = ([paired, ""] if paired else []) + ([f"Command: `{command}`"] if command else []) + [
         f"Method {cfg['method']['name']}; data: {data} (modalities "
         f"{', '.join(m.replace('test_acc_', '') for m in mods)}).",
         f"Best on validation: **{name} = {summary[best]['value']}** (highest mean validation accuracy over the seeds; "
@@ -237,8 +241,7 @@ def sweep_markdown(rows, summary, name, cfg, seeds, command=None):
         "no part in the choice.",
         f"Seeds {', '.join(map(str, seeds))}; mean ± std (n − 1) over the n runs of each value. Columns `acc "
         "<modality>`: that modality's own prediction alone (test). Picture: sweep.png (data: sweep_curve.csv).",
-        budget_line([{**r, "method": f"{name}={r['value']}"} for r in rows],
-                    [f"{name}={s['value']}" for s in summary]),
+        budget_line(labelled, [f"{name}={s['value']}" for s in summary]),
         machine_line()]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
