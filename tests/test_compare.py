@@ -92,3 +92,20 @@ def test_reference_must_be_compared(capsys, npz_file, tmp_path):
     code = main(["compare", "--data", str(npz_file), "--methods", "joint,mie", "--reference", "ogm_ge",
                  "--out", str(tmp_path / "c"), *TINY])
     assert code == 2 and "--reference ogm_ge is not among the compared methods" in capsys.readouterr().err
+
+
+def test_variants_of_one_method_are_compared_and_paired(capsys, npz_file, tmp_path):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--data", str(npz_file), "--methods", "mie,mie:sam_every=2:gm_refresh=2", "--seeds", "0,1",
+                 "--out", str(out), "method.tau=0.9", *TINY])
+    assert code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in rows] == ["mie", "mie", "mie:sam_every=2:gm_refresh=2", "mie:sam_every=2:gm_refresh=2"]
+    plain = json.loads((out / "mie" / "seed_0" / "metrics.json").read_text())["method_params"]
+    variant = json.loads((out / "mie:sam_every=2:gm_refresh=2" / "seed_0" / "metrics.json").read_text())
+    assert (plain["sam_every"], plain["gm_refresh"], plain["tau"]) == (1, 1, 0.9)
+    assert (variant["method"], variant["method_params"]["sam_every"], variant["method_params"]["gm_refresh"],
+            variant["method_params"]["tau"]) == ("mie", 2, 2, 0.9)
+    assert "Paired by seed against `mie`" in (out / "results.md").read_text()
+    code = main(["compare", "--data", str(npz_file), "--methods", "mie,mie:bogus=1", "--out", str(tmp_path / "x"), *TINY])
+    assert code == 2 and "cannot read 'bogus=1' in --methods mie:bogus=1" in capsys.readouterr().err

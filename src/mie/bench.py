@@ -15,32 +15,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from . import config as config_mod
-from .compare import machine_line, method_config
+from .compare import machine_line, method_config, parse_label
 from .data import DISK_DATASETS
 from .data.prepare import load_arrays, prepare_run
 from .errors import MieInputError
 from .io import csv_text, write_text
-from .methods import method_params
 from .train import Run, run, start_process, to_device
 
 PHASES = {"train_steps": "steps", "validation": "validation", "end_epoch": "end_epoch", "data_loading": "data"}
-
-
-def parse_label(label):
-    """'mie:rho=0.1:sam_every=2' → ('mie', {'rho': 0.1, 'sam_every': 2}); values read as YAML."""
-    name, *settings = label.split(":")
-    accepted = method_params(name)   # an unknown method fails here, before anything runs
-    params = {}
-    for text in settings:
-        key, eq, value = text.partition("=")
-        if not eq or key not in accepted:
-            raise MieInputError(f"cannot read '{text}' in --methods {label}: expected key=value with a parameter "
-                                f"of {name} ({', '.join(accepted) or 'none'})")
-        params[key] = yaml.safe_load(value)
-    return name, params
 
 
 def label_config(cfg, label, method_overrides, epochs):

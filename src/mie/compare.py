@@ -1,6 +1,8 @@
 """Side-by-side comparison: every method × every seed on the same data, splits and epoch budget.
 
-Writes, under the output folder, one run folder per (method, seed), ``results.csv`` (one row
+A method is a name or a variant of one, ``name:key=value[:key=value]`` (``mie:sam_every=8``), so that
+settings of one method can be compared side by side and paired. Writes, under the output folder, one
+run folder per (method, seed), ``results.csv`` (one row
 per run, with the epochs of updates each modality received and the optimizer steps) and
 ``results.md``: mean ± std over n seeds per method (fused and per-modality test metrics,
 validation accuracy, seconds per run), and each method's paired difference in test accuracy to a
@@ -18,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import config as config_mod
 from .data import DISK_DATASETS
@@ -46,9 +49,25 @@ def method_config(cfg, name, overrides, own=None):
     return config_mod.validate(out)
 
 
+def parse_label(label):
+    """A method label → (method name, its settings): 'mie' → ('mie', {}); a variant
+    'mie:rho=0.1:sam_every=2' → ('mie', {'rho': 0.1, 'sam_every': 2}), values read as YAML."""
+    name, *settings = label.split(":")
+    accepted = method_params(name)   # an unknown method fails here, before anything runs
+    params = {}
+    for text in settings:
+        key, eq, value = text.partition("=")
+        if not eq or key not in accepted:
+            raise MieInputError(f"cannot read '{text}' in --methods {label}: expected key=value with a parameter "
+                                f"of {name} ({', '.join(accepted) or 'none'})")
+        params[key] = yaml.safe_load(value)
+    return name, params
+
+
 def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, log=print, command=None,
             reference=None, robustness=False, method_settings=None):
-    """Run the grid; return the per-run rows. ``cfg``'s method section is ignored: each method
+    """Run the grid; return the per-run rows. ``methods``: method names or variants of them
+    ('mie:sam_every=8', ``parse_label``). ``cfg``'s method section is ignored: each method
     starts from its own defaults, and ``method_overrides`` ({key: value}) are applied to every
     method that has that hyper-parameter; ``method_settings`` ({method: {key: value}}) to that method
     alone (its parameters, or ``section.key`` settings such as train.lr: e.g. each one's tuned values,
@@ -58,17 +77,19 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
     if not methods or not seeds:
         raise MieInputError("compare needs at least one method and one seed")
     reference = reference_method(methods, reference)
-    for name in methods:
-        method_params(name)  # unknown names fail before anything runs
+    if len(set(methods)) != len(methods):
+        raise MieInputError(f"--methods names a method twice: {','.join(methods)}")
+    variants = {label: parse_label(label) for label in methods}   # unknown names fail before anything runs
     overrides = dict(method_overrides or {})
-    unused = [k for k in overrides if not any(k in method_params(n) for n in methods)]
+    unused = [k for k in overrides if not any(k in method_params(n) for n, _ in variants.values())]
     if unused:
         raise MieInputError(f"no compared method has parameter(s) {', '.join(unused)}")
     settings = dict(method_settings or {})
     strangers = [m for m in settings if m not in methods]
     if strangers:
         raise MieInputError(f"settings given for {', '.join(strangers)}, which is not compared")
-    configs = {name: method_config(cfg, name, overrides, settings.get(name)) for name in methods}
+    configs = {label: method_config(cfg, name, overrides, {**own, **settings.get(label, {})})
+               for label, (name, own) in variants.items()}
     out = output_folder(out_dir)
     arrays = None if cfg["data"]["dataset"] in DISK_DATASETS else load_arrays(cfg)   # disk: read per run
     rows = []
@@ -76,7 +97,7 @@ def compare(cfg, methods, seeds, out_dir, method_overrides=None, progress=None, 
         for seed in seeds:
             result = run_or_load(configs[name], seed, arrays, out / name / f"seed_{seed}", progress)
             check_budget(result, cfg["train"]["epochs"])
-            row = result_row(result)
+            row = {**result_row(result), "method": name}
             if robustness:
                 row["test_missing_acc"] = missing_rate_accuracy(out / name / f"seed_{seed}", arrays)
             rows.append(row)
