@@ -11,7 +11,9 @@ their papers and released code (joint on summed logits, OGM-GE, OPM, Greedy, AGM
 MSES, OGR-GB; ``pmr_per`` is new); MIE and its ablations, MLA and the feature-fusion joints are
 unchanged since the redesign. The histories gained the validation losses (``val_loss``,
 ``val_loss_<m>``) as columns, every other value unchanged; the newer methods (M-SAM, MNL, MILES,
-CGGM, ReconBoost, SMV, MMPareto) were recorded as implemented."""
+CGGM, ReconBoost, SMV, MMPareto) were recorded as implemented. MIE's covariance pass now takes shuffled
+batches as the released code does (``gm_batches``), re-recorded for mie, mie_gm_only, mie_released and
+mie_recipe; the speed work before it (cheaper covariance hooks, ``gm_refresh``) changed no value."""
 import importlib.util
 import json
 import math

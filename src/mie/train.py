@@ -41,7 +41,7 @@ class TrainContext:
     device: torch.device
     make_optimizer: callable     # (params or param groups, lr=None) → torch.optim.Optimizer from train.*
     train_batches: callable      # (shuffle=None) → iterator over the training ``Batch``es on device, in the
-                                 # data's order, or, for an integer key, in an order drawn from (seed, key)
+                                 # data's order, or, for an integer key, shuffled by (seed, key) (``Run``)
     evaluate: callable           # ("train" | "val", model=None, predict=None) → metrics of the model as it is
                                  # now (cached), or of another model the method trains
     epochs_per_modality: int
@@ -271,15 +271,17 @@ class Run:
 
     # ---- what the method gets through the context ---------------------------------------
     def train_batches(self, shuffle=None):
-        """Every training sample once, in evaluation-sized batches: in the data's order, or, for an integer
-        ``shuffle``, in a permutation drawn from (train.seed, shuffle) alone — the same on every rank and
-        after a resume, and nothing drawn from the run's random streams."""
+        """The training data in batches of train.batch_size: every sample once in the data's order, or, for
+        an integer ``shuffle``, as a shuffled training loader gives them (a permutation drawn from
+        (train.seed, shuffle) alone — the same on every rank and after a resume, nothing drawn from the
+        run's random streams — and the last incomplete batch dropped)."""
         batches = self.eval_loaders["train"]
         if shuffle is not None:
             order = torch.Generator().manual_seed(self.train_cfg["seed"] * 1_000_003 + shuffle)
             batches = DataLoader(self.prepared.datasets["train"], batch_size=batches.batch_size,
                                  sampler=RandomSampler(self.prepared.datasets["train"], generator=order),
-                                 num_workers=batches.num_workers, collate_fn=collate, generator=torch.Generator())
+                                 num_workers=batches.num_workers, collate_fn=collate, generator=torch.Generator(),
+                                 drop_last=len(self.prepared.datasets["train"]) >= batches.batch_size)
         return (to_device(batch, self.device, self.modalities) for batch in batches)
 
     def evaluate(self, split):
