@@ -324,3 +324,28 @@ def test_T_from_batch_means_equals_T_from_their_covariance(d, n):
     np.testing.assert_allclose(flat_modification_from_means(Z, 0.7).numpy(),
                                flat_modification_matrix(Z @ Z.T, 0.7).numpy(), atol=1e-9)
     assert torch.equal(flat_modification_from_means(torch.zeros(d, 0), 0.7), torch.eye(d, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("d, n", [(40, 6), (9, 1)])
+def test_low_rank_modification_applies_the_T_of_its_means(d, n):
+    """LowRankModification.from_means(Z): G · T = G + ((G U) ⊙ (σ − 1)) Uᵀ equals G times the T that
+    numpy's eigendecomposition of Ȳ = Z Zᵀ gives, in float64 and (to float32 rounding) in modify_gradient."""
+    from mie.optim import LowRankModification
+    rng = np.random.default_rng(d)
+    Z = rng.normal(size=(d, n))
+    lam, V = np.linalg.eigh(Z @ Z.T)
+    lam = np.clip(lam, 0, None)
+    T = _expected_T(V, lam, 0.4)
+    G = rng.normal(size=(5, d))
+    low = LowRankModification.from_means(torch.tensor(Z), 0.4)
+    assert low.shape == (d, d) and low.U.shape[1] <= n
+    new, change = low.right_multiply(torch.tensor(G))
+    np.testing.assert_allclose(new.numpy(), G @ T, atol=1e-10)
+    np.testing.assert_allclose(change.numpy(), G @ T - G, atol=1e-10)
+    lin = nn.Linear(d, 5)
+    lin.weight.grad = torch.tensor(G, dtype=torch.float32)
+    rel = modify_gradient(lin, low)
+    np.testing.assert_allclose(lin.weight.grad.double().numpy(), G @ T, rtol=1e-5, atol=1e-5)
+    assert float(rel) == pytest.approx(np.linalg.norm(G @ T - G) / np.linalg.norm(G), rel=1e-5)
+    empty = LowRankModification.from_means(torch.zeros(d, 0), 0.4)        # no means: T = I
+    assert torch.equal(empty.right_multiply(torch.tensor(G))[0], torch.tensor(G))

@@ -440,6 +440,25 @@ def test_gm_batches_shuffled_takes_the_covariance_over_reshuffled_batches():
         assert (e - plain).abs().max() > 1e-4
 
 
+def test_gm_lowrank_steps_as_the_dense_T():
+    """gm_lowrank: the hook gets T^(k) as I + U diag(σ − 1) Uᵀ from k's batch means (2 batches, so
+    rank 2 in 8, 6 and 4 dimensions), and the SAM + GM step equals the dense one."""
+    batches = _batches(n=2, size=5, seed=20)
+    steps = {}
+    for low in (False, True):
+        model, method = _setup(batches=batches, sam=True, gm=True, gm_lowrank=low)
+        method.recompute(["c"])
+        kinds = {type(t).__name__ for t in method.gm_hooks["a"].matrices}
+        assert kinds == ({"LowRankModification"} if low else {"Tensor"})
+        before = [p.detach().clone() for p in model.modality_parameters("a")]
+        method.start_epoch(0)
+        method.training_step(batches[0], make_step(0))
+        steps[low] = [p.detach() - b for p, b in zip(model.modality_parameters("a"), before)]
+    assert max(float(d.abs().max()) for d in steps[False]) > 1e-3
+    for dense, low in zip(steps[False], steps[True]):
+        torch.testing.assert_close(low, dense, rtol=0, atol=1e-12)
+
+
 def test_iteration_alternation_recomputes_every_T():
     batches = _batches(n=2, size=5, seed=16)
     model, method = _setup(batches=batches, sam=True, gm=True, alternation="iteration")

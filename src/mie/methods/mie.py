@@ -77,7 +77,9 @@ in plain steps too. ``mie.optim.SAM`` documents both. ``gm_refresh`` = r recompu
 j's 1st, (r+1)-th, (2r+1)-th … stage and keeps the last T^(j) in between (after every r-th epoch
 under ``alternation="iteration"``), cutting the covariance passes to 1/r (ours: the amortisation
 that K-FAC, Martens & Grosse, ICML 2015, applies to its curvature inverses, recomputed only every
-T₃ iterations).
+T₃ iterations). ``gm_lowrank`` applies T^(k) as I + U diag(σ − 1) Uᵀ from the n eigenpairs of Ȳ
+when it has fewer batch means n than dimensions d (``mie.optim.LowRankModification``): the same T,
+2·out·d·n multiply-adds per layer and step instead of out·d², results equal up to float rounding.
 
 ``sam`` and ``gm`` switch the two ingredients off, so the paper's ablation (neither / SAM only /
 GM only / both) is four runs of this method; ``gm_into`` applies GM to the updates of the listed
@@ -99,8 +101,8 @@ import torch.nn.functional as F
 from ..diagnostics import GMDiagnostics
 from ..errors import MieInputError
 from ..models import eval_mode
-from ..optim import (GM_LAYERS, SAM, GradientModification, InputCovariance, flat_modification_from_means,
-                     input_dim, matrix_stats)
+from ..optim import (GM_LAYERS, SAM, GradientModification, InputCovariance, LowRankModification,
+                     flat_modification_from_means, input_dim, matrix_stats)
 from .base import Method, fusion_param, require_two_modalities
 from .params import Param, Space, boolean, modality_list, number, one_of
 
@@ -176,6 +178,8 @@ class MIE(Method):
         "gm_batches": Param("shuffled", one_of("shuffled", "data"),
                             "batches of the covariance pass: shuffled, the last incomplete one dropped (the released "
                             "code's training loader), or the data's order"),
+        "gm_lowrank": Param(False, boolean, "apply T as I + U diag(σ − 1) Uᵀ from Ȳ's n < d eigenpairs: "
+                                            "2·out·d·n per step instead of out·d², equal up to float rounding"),
         "gm_scope": Param(0.0, number(at_least=0, at_most=1), "share of parameters GM reaches (0: the head)"),
         "schedule": Param("modality", one_of("modality", "stage"),
                           "train.lr_step counts each modality's own epochs, or restarts every stage (authors' code)"),
@@ -199,7 +203,7 @@ class MIE(Method):
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive", "sam_every", "sam_reuse"} if fixed.get("sam") is False else set()) | \
-               ({"tau", "gm_scope", "gm_into", "gm_refresh", "gm_batches", "diagnostics"} if fixed.get("gm") is False else set()) | \
+               ({"tau", "gm_scope", "gm_into", "gm_refresh", "gm_batches", "gm_lowrank", "diagnostics"} if fixed.get("gm") is False else set()) | \
                ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else {"ensemble_weight"})
 
     # ---- set-up -----------------------------------------------------------------------
@@ -335,11 +339,15 @@ class MIE(Method):
         if not self.gm:
             return
         p = next(self.model.heads[j].parameters())
-        layers, T = self.layers[j], self.T[self.source(j)]
+        k = self.source(j)
+        layers, T, Z = self.layers[j], self.T[k], self.means[k]
         matrices = [None] * len(layers)
-        for i, (layer, t) in enumerate(zip(reversed(layers), reversed(T)) if j in self.targets else ()):
-            if t.shape[0] == input_dim(layer):
-                matrices[len(layers) - 1 - i] = t.to(device=p.device, dtype=p.dtype)
+        paired = min(len(layers), len(T)) if j in self.targets else 0
+        for i in range(1, paired + 1):                          # the i-th layer from the output
+            if T[-i].shape[0] == input_dim(layers[-i]):
+                low_rank = self.gm_lowrank and Z is not None and Z[-i].shape[1] < Z[-i].shape[0]
+                t = LowRankModification.from_means(Z[-i], self.tau) if low_rank else T[-i]
+                matrices[-i] = t.to(device=p.device, dtype=p.dtype)
         self.gm_hooks[j].matrices = matrices
 
     # ---- between stages ----------------------------------------------------------------

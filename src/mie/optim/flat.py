@@ -123,27 +123,56 @@ def flat_modification_from_means(Z, tau=0.4):
     """T of Ȳ = Z Zᵀ from a factor Z (d × n): the batch means [z̄_1 … z̄_n], or any other, float64 (d × d).
 
     With fewer columns than dimensions (n < d, e.g. a wide layer and few batches) Ȳ has rank ≤ n and
-    λ_min = 0, so T = I + Σ_i (σ_i − 1) u_i u_iᵀ over its n eigenpairs, taken from the n × n Gram
-    matrix ZᵀZ = W Λ Wᵀ (u_i = Z w_i / √λ_i): exactly V Σ Vᵀ, without a d × d eigendecomposition.
+    λ_min = 0, so T = I + Σ_i (σ_i − 1) u_i u_iᵀ over its n eigenpairs (``LowRankModification``), taken
+    from the n × n Gram matrix ZᵀZ = W Λ Wᵀ (u_i = Z w_i / √λ_i): exactly V Σ Vᵀ, without a d × d
+    eigendecomposition.
     """
     Z = torch.as_tensor(Z, dtype=torch.float64)
     d, n = Z.shape
     if n >= d:
         return flat_modification_matrix(Z @ Z.T, tau)
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    eye = torch.eye(d, dtype=torch.float64, device=Z.device)
-    if n == 0:
-        return eye
-    lam, W = _eigh(Z.T @ Z)
-    lam = lam.clamp_min(0.0)
-    hi = lam.max()
-    if hi <= 0:
-        return eye
-    keep = lam > _EQUAL_EIGENVALUES_RTOL * hi
-    U = (Z @ W[:, keep]) / lam[keep].sqrt()
-    sigma = torch.exp(-tau * lam[keep] / hi)
-    return eye + (U * (sigma - 1)) @ U.T
+    return LowRankModification.from_means(Z, tau).dense()
+
+
+class LowRankModification:
+    """T = I + U diag(c) Uᵀ with U (d × r) orthonormal and c = σ − 1 (r ≤ n < d): ∇W · T is
+    ∇W + ((∇W U) ⊙ c) Uᵀ, 2·out·d·r multiply-adds instead of out·d²; equal to ∇W · V Σ Vᵀ up to
+    float rounding."""
+
+    def __init__(self, U, c):
+        self.U, self.c = U, c
+        self.shape = (U.shape[0], U.shape[0])
+
+    @classmethod
+    def from_means(cls, Z, tau=0.4):
+        """T of Ȳ = Z Zᵀ for a factor Z (d × n, n < d), float64."""
+        Z = torch.as_tensor(Z, dtype=torch.float64)
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        d, n = Z.shape
+        none = cls(Z.new_zeros(d, 0), Z.new_zeros(0))
+        if n == 0:
+            return none
+        lam, W = _eigh(Z.T @ Z)
+        lam = lam.clamp_min(0.0)
+        hi = lam.max()
+        if hi <= 0:
+            return none
+        keep = lam > _EQUAL_EIGENVALUES_RTOL * hi
+        return cls((Z @ W[:, keep]) / lam[keep].sqrt(), torch.exp(-tau * lam[keep] / hi) - 1)
+
+    def dense(self):
+        """T as a d × d matrix."""
+        eye = torch.eye(self.shape[0], dtype=self.U.dtype, device=self.U.device)
+        return eye + (self.U * self.c) @ self.U.T
+
+    def to(self, dtype=None, device=None):
+        return LowRankModification(self.U.to(dtype=dtype, device=device), self.c.to(dtype=dtype, device=device))
+
+    def right_multiply(self, G):
+        """(G · T, G · (T − I)) for G (out × d)."""
+        change = ((G @ self.U) * self.c) @ self.U.T
+        return G + change, change
 
 
 class InputCovariance:
@@ -205,7 +234,8 @@ class InputCovariance:
 
 
 def modify_gradient(layer, T):
-    """Replace ``layer.weight.grad``, as a matrix (out × d_in), by ∇W · T; returns
+    """Replace ``layer.weight.grad``, as a matrix (out × d_in), by ∇W · T (T a d_in × d_in tensor or a
+    ``LowRankModification``); returns
     ‖∇W·T − ∇W‖ / ‖∇W‖ as a 0-d tensor (no host sync)."""
     grad = layer.weight.grad
     if grad is None:
@@ -213,9 +243,14 @@ def modify_gradient(layer, T):
     matrix = grad.reshape(grad.shape[0], -1)
     if T.shape != (matrix.shape[1], matrix.shape[1]):
         raise ValueError(f"T of shape {tuple(T.shape)} does not fit a {type(layer).__name__} with d_in={matrix.shape[1]}")
-    new = matrix @ T.to(dtype=grad.dtype, device=grad.device)
+    T = T.to(dtype=grad.dtype, device=grad.device)
     norm = matrix.norm()
-    change = torch.where(norm > 0, torch.dist(new, matrix) / norm, torch.zeros_like(norm))
+    if isinstance(T, LowRankModification):
+        new, difference = T.right_multiply(matrix)
+        change = torch.where(norm > 0, difference.norm() / norm, torch.zeros_like(norm))
+    else:
+        new = matrix @ T
+        change = torch.where(norm > 0, torch.dist(new, matrix) / norm, torch.zeros_like(norm))
     layer.weight.grad = new.reshape(grad.shape)
     return change
 
