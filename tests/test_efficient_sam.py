@@ -202,8 +202,10 @@ def test_mie_refuses_bad_sam_every():
 
 
 def test_mie_resumed_mid_cycle_matches_the_uninterrupted_run(tmp_path):
-    """sam_every=3 with LookSAM: each optimizer's step count and g_v travel in the checkpoint, so a run
-    stopped after loop epoch 2 (mid-cycle for modality a) and resumed equals the uninterrupted one."""
+    """sam_every=3 with LookSAM and gm_refresh=2: each optimizer's step count and g_v, and the batch means
+    of the T kept since a's first stage, travel in the checkpoint, so a run stopped after loop epoch 2
+    (mid-cycle for modality a, after its second stage, which keeps T^(a)) and resumed equals the
+    uninterrupted one."""
     class Crash(Exception):
         pass
 
@@ -211,7 +213,7 @@ def test_mie_resumed_mid_cycle_matches_the_uninterrupted_run(tmp_path):
         if epoch == 2:
             raise Crash
     data = mie.MultimodalArrays(*make_arrays(n=70))
-    kw = dict(config=CONFIG, seed=3, progress=False, sam_every=3, sam_reuse="looksam")
+    kw = dict(config=CONFIG, seed=3, progress=False, sam_every=3, sam_reuse="looksam", gm_refresh=2)
     whole = mie.fit(data, "mie", out_dir=tmp_path / "whole", **kw)
     with pytest.raises(Crash):
         mie.fit(data, "mie", out_dir=tmp_path / "cut", callbacks=[crash], **kw)
