@@ -116,8 +116,9 @@ def bench_markdown(rows, reference, epochs, repeats, raw, device):
              f"{repeats} interleaved turns. s / epoch: the run's training and validation seconds per "
              f"epoch of budget, fastest turn. × {reference}: the median over the turns of the ratio of the two runs "
              "of one turn; range: its smallest and largest. Shares of those seconds: steps = training steps, "
-             "validation = the loop's validation passes, end_epoch = the method's work between epochs (MIE: covariance and T), data = waiting for "
-             "the next training batch. samples/s: training samples per second of training-step time."]
+             "validation = the loop's validation passes, end_epoch = the method's work between epochs "
+             "(MIE: covariance and T), data = waiting for the next training batch. samples/s: training samples "
+             "per second of training-step time."]
     if raw:
         notes.append(f"Raw: one forward + backward of joint's model on cached on-device batches, "
                      f"{raw:.0f} samples/s; of raw = samples/s ÷ raw (SAM's two passes per step halve it).")

@@ -203,7 +203,8 @@ class MIE(Method):
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive", "sam_every", "sam_reuse"} if fixed.get("sam") is False else set()) | \
-               ({"tau", "gm_scope", "gm_into", "gm_refresh", "gm_batches", "gm_lowrank", "diagnostics"} if fixed.get("gm") is False else set()) | \
+               ({"tau", "gm_scope", "gm_into", "gm_refresh", "gm_batches", "gm_lowrank", "diagnostics"}
+                if fixed.get("gm") is False else set()) | \
                ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else {"ensemble_weight"})
 
     # ---- set-up -----------------------------------------------------------------------
@@ -355,19 +356,20 @@ class MIE(Method):
         if self.alternation == "iteration":
             logs = self._gm_logs(self.cycle[0], list(self.gm_hooks.values()))
             self._diagnose_steps(epoch, self.cycle)
-            if self.gm and self._read_by_targets(self.cycle) and epoch % self.gm_refresh == 0:
+            if self.gm and self._read_by_targets(self.cycle) and epoch % self.gm_refresh == 0:   # every r-th epoch
                 self.recompute(self._read_by_targets(self.cycle), epoch)
             return logs
         j, k, last = self.stage(epoch)
         logs = {"active": j, **self._gm_logs(j, [self.gm_hooks[j]] if self.gm else [])}
         self._diagnose_steps(epoch, [j])
-        if last and self.gm and self._read_by_targets([j]) and (self.stages_ended(j, epoch) - 1) % self.gm_refresh == 0:
+        if last and self.gm and self._read_by_targets([j]) and self._refresh_due(j, epoch):
             self.recompute([j], epoch)
         return logs
 
-    def stages_ended(self, j, epoch):
-        """How many stages of j have ended by the end of loop epoch ``epoch`` (stage mode)."""
-        return sum(m == j and within + 1 == length for m, within, length in self.plan[:epoch + 1])
+    def _refresh_due(self, j, epoch):
+        """Whether the stage of j ending with loop epoch ``epoch`` is its 1st, (r+1)-th, (2r+1)-th …"""
+        ended = sum(m == j and within + 1 == length for m, within, length in self.plan[:epoch + 1])
+        return (ended - 1) % self.gm_refresh == 0
 
     def _read_by_targets(self, modalities):
         """Those of ``modalities`` whose T a modality in ``gm_into`` reads (their successor)."""
