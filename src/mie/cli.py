@@ -66,7 +66,8 @@ def build_parser():
 
     p = sub.add_parser("compare", help="run several methods over several seeds, side by side")
     _common_args(p)
-    p.add_argument("--methods", required=True, help="comma-separated method names or variants name:key=value[:key=value] (e.g. joint,mie,mie:sam_every=8)")
+    p.add_argument("--methods", required=True, help="comma-separated method names or variants "
+                                                    "name:key=value[:key=value] (e.g. joint,mie,mie:sam_every=8)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--reference", help="the method every other is paired with (default: joint if compared, "
                                        "else the first)")
@@ -240,10 +241,12 @@ def _method_overrides(args, methods=()):
     after the ``--config`` file's method settings that one of ``methods`` accepts; the other overrides)."""
     method_overrides, rest = {}, []
     if getattr(args, "config", None) and methods:
+        from .compare import parse_label
         from .methods import method_params
         yaml_method = config_mod.read_yaml(args.config).get("method") or {}
+        names = [parse_label(label)[0] for label in methods]
         method_overrides = {k: v for k, v in yaml_method.items()
-                            if k != "name" and any(k in method_params(n.split(":")[0]) for n in methods)}
+                            if k != "name" and any(k in method_params(n) for n in names)}
     for text in args.overrides:
         parts, value = config_mod.parse_override(text)
         if parts[0] != "method":
