@@ -234,8 +234,8 @@ class MIE(Method):
             if self.gm:
                 self.gm_hooks[m] = GradientModification(self.layers[m], track=self.diagnostics)
                 self.gm_hooks[m].attach(base)
-            self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive, model=model, every=self.sam_every,
-                                     reuse=self.sam_reuse) if self.sam else base
+            self.optimizers[m] = SAM(base, rho=self.rho, adaptive=self.adaptive, model=model.modality_modules(m),
+                                     every=self.sam_every, reuse=self.sam_reuse) if self.sam else base
         for m in order:
             self._feed(m)
         self._stats_cache = {}

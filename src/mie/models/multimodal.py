@@ -37,7 +37,11 @@ class LateFusionModel(MultimodalModel):
 
     def modality_parameters(self, m):
         """θ_m: the parameters of modality m's encoder and head."""
-        return list(self.encoders[m].parameters()) + list(self.heads[m].parameters())
+        return list(self.modality_modules(m).parameters())
+
+    def modality_modules(self, m):
+        """Modality m's encoder and head, the modules ``forward_modality(m, ·)`` runs."""
+        return nn.ModuleList([self.encoders[m], self.heads[m]])
 
     def forward_modality(self, m, x):
         return self.heads[m](self.encoders[m](x))

@@ -244,15 +244,14 @@ def modify_gradient(layer, T):
     if T.shape != (matrix.shape[1], matrix.shape[1]):
         raise ValueError(f"T of shape {tuple(T.shape)} does not fit a {type(layer).__name__} with d_in={matrix.shape[1]}")
     T = T.to(dtype=grad.dtype, device=grad.device)
-    norm = matrix.norm()
     if isinstance(T, LowRankModification):
         new, difference = T.right_multiply(matrix)
-        change = torch.where(norm > 0, difference.norm() / norm, torch.zeros_like(norm))
+        change = difference.norm()
     else:
         new = matrix @ T
-        change = torch.where(norm > 0, torch.dist(new, matrix) / norm, torch.zeros_like(norm))
+        change = torch.dist(new, matrix)
     layer.weight.grad = new.reshape(grad.shape)
-    return change
+    return change.div_(matrix.norm()).nan_to_num_(0.0)      # ∇W = 0 changes nothing: 0/0 → 0
 
 
 class GradientModification:
@@ -282,7 +281,7 @@ class GradientModification:
         if not pairs:
             return
         before = [layer.weight.grad for layer, _ in pairs]
-        self.changes.append(torch.stack([modify_gradient(layer, T).double() for layer, T in pairs]).mean())
+        self.changes.append(torch.stack([modify_gradient(layer, T) for layer, T in pairs]).mean())
         if self.track and any(b is not None for b in before):
             rewritten = {id(layer.weight) for layer, _ in pairs}
             cos = gradient_cosines(before, [layer.weight.grad for layer, _ in pairs],

@@ -71,6 +71,7 @@ class SAM(torch.optim.Optimizer):
         self.rho = float(rho)
         self.adaptive = bool(adaptive)
         self.model = model
+        self._batchnorms = tracked_batchnorms(model)     # listed once: a model's layers do not change
         self.every, self.reuse, self.alpha = every, reuse, float(alpha)
         self.steps = 0              # calls of step(closure) so far
         self._gv = {}               # LookSAM: parameter → g_v of the last SAM step
@@ -140,7 +141,7 @@ class SAM(torch.optim.Optimizer):
             return loss
         g = [(p, p.grad.clone()) for p in self._params_with_grad()] if self.reuse == "looksam" else None
         self.first_step(zero_grad=True)
-        with frozen_batchnorm_stats(self.model):
+        with frozen_batchnorm_stats(self.model, self._batchnorms):
             closure()
         if g is not None:
             self._keep_orthogonal_component(g)
@@ -193,25 +194,29 @@ class SAM(torch.optim.Optimizer):
         self._gv = {p: v.to(device=p.device, dtype=p.dtype) for p, v in zip(self._all_params(), gv) if v is not None}
 
 
+def tracked_batchnorms(model):
+    """The BatchNorm layers of ``model`` that keep running statistics (none for ``model=None``)."""
+    if model is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @contextmanager
-def frozen_batchnorm_stats(model):
+def frozen_batchnorm_stats(model, batchnorms=None):
     """Run a forward pass without changing any BatchNorm running statistics of ``model``.
 
     The buffers (running mean/var and the batch counter) are snapshot on entry and put back on
-    exit, so SAM's second pass leaves them exactly as the first pass set them.
+    exit, so SAM's second pass leaves them exactly as the first pass set them. ``batchnorms``: the
+    layers to guard, when the caller has listed them already (``tracked_batchnorms``).
     """
-    if model is None:
+    bns = tracked_batchnorms(model) if batchnorms is None else batchnorms
+    if not bns:
         yield
         return
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and m.track_running_stats]
-    saved = [[b.detach().clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
-             for m in bns]
+    buffers = [b for m in bns for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    saved = torch._foreach_mul(buffers, 1)          # one copy of them all
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, (mean, var, count) in zip(bns, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+            torch._foreach_copy_(buffers, saved)
