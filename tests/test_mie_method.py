@@ -401,7 +401,7 @@ def test_gm_refresh_recomputes_T_after_every_rth_stage_only(alternation, kept, r
     batches = _batches(n=2, size=5, seed=18)
     model = _model()
     method = MIE(tau=TAU, rho=RHO, sam=False, gm=True, gm_refresh=2, alternation=alternation)
-    method.setup(model, make_context(MODS, lr=LR, train_batches=batches, epochs_per_modality=3))
+    method.setup(model, make_context(MODS, lr=LR, train_batches=batches, epochs_per_modality=4))
     _run_epochs(method, batches, [0])
     first = [t.clone() for t in method.T["a"]]
     for t, e in zip(first, _hand_T(model, "a", batches)):
@@ -413,6 +413,23 @@ def test_gm_refresh_recomputes_T_after_every_rth_stage_only(alternation, kept, r
     _run_epochs(method, batches, range(kept + 1, refreshed + 1))
     for t, e in zip(method.T["a"], _hand_T(model, "a", batches)):
         torch.testing.assert_close(t, e, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("alternation, epochs", [("stage", 6), ("iteration", 2)])
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_the_run_s_last_T_is_computed_only_for_the_diagnostics(alternation, epochs, diagnostics):
+    """No stage follows the run's last one, so the covariance pass after it is skipped: 2 epochs per
+    modality of a, b, c make 6 one-epoch stages, and T is computed after the first 5 (every epoch but
+    the last under per-batch alternation); the diagnostics, which record every stage's spectra, keep it."""
+    batches = _batches(n=2, size=5, seed=21)
+    method = MIE(tau=TAU, rho=RHO, sam=False, gm=True, alternation=alternation, diagnostics=diagnostics)
+    method.setup(_model(), make_context(MODS, lr=LR, train_batches=batches, epochs_per_modality=2))
+    calls = []
+    recompute = method.recompute
+    method.recompute = lambda modalities, epoch=None: (calls.append(epoch), recompute(modalities, epoch))
+    _run_epochs(method, batches, range(method.num_epochs(2)))
+    computed = list(range(epochs if alternation == "stage" else 2))
+    assert calls == (computed if diagnostics else computed[:-1])
 
 
 def test_gm_batches_shuffled_takes_the_covariance_over_reshuffled_batches():

@@ -84,7 +84,8 @@ when it has fewer batch means n than dimensions d (``mie.optim.LowRankModificati
 ``sam`` and ``gm`` switch the two ingredients off, so the paper's ablation (neither / SAM only /
 GM only / both) is four runs of this method; ``gm_into`` applies GM to the updates of the listed
 modalities only (the paper's unidirectional ablation: ``[a]`` rewrites a's gradients with T of its
-source, the others train unmodified), and only the T that those updates read are computed.
+source, the others train unmodified), and only the T that those updates read are computed (nor the
+T after the run's last stage, which no stage reads, unless the diagnostics record it).
 ``alternation="iteration"`` trains every modality in turn on each mini-batch (as MLA does) and
 recomputes every T after each epoch. ``mie ablate`` runs the whole grid (``mie.ablate``).
 
@@ -221,6 +222,7 @@ class MIE(Method):
                                 f"modality: {order}")
         self.lengths = [lengths[m] if isinstance(lengths, dict) else lengths for m in order]
         self.plan = stage_plan(order, self.lengths, ctx.epochs_per_modality)
+        self.iterations = ctx.epochs_per_modality
         into = list(order if self.gm_into is None else self.gm_into)
         if not into or not set(into) <= set(order) or len(set(into)) != len(into):
             raise MieInputError(f"method.gm_into {into} must list some of the modalities {order}, each once")
@@ -242,6 +244,7 @@ class MIE(Method):
         self.diagnosis = GMDiagnostics(self.tau) if self.gm and self.diagnostics else None
 
     def num_epochs(self, epochs_per_modality):
+        self.iterations = epochs_per_modality
         if self.alternation == "iteration":
             return epochs_per_modality
         self.plan = stage_plan(self.cycle, self.lengths, epochs_per_modality)
@@ -356,15 +359,21 @@ class MIE(Method):
         if self.alternation == "iteration":
             logs = self._gm_logs(self.cycle[0], list(self.gm_hooks.values()))
             self._diagnose_steps(epoch, self.cycle)
-            if self.gm and self._read_by_targets(self.cycle) and epoch % self.gm_refresh == 0:   # every r-th epoch
+            due = epoch % self.gm_refresh == 0 and (epoch + 1 < self.iterations or self.diagnosis)   # every r-th
+            if self.gm and self._read_by_targets(self.cycle) and due:
                 self.recompute(self._read_by_targets(self.cycle), epoch)
             return logs
         j, k, last = self.stage(epoch)
         logs = {"active": j, **self._gm_logs(j, [self.gm_hooks[j]] if self.gm else [])}
         self._diagnose_steps(epoch, [j])
-        if last and self.gm and self._read_by_targets([j]) and self._refresh_due(j, epoch):
+        if last and self.gm and self._read_by_targets([j]) and self._refresh_due(j, epoch) and self._read_later(j, epoch):
             self.recompute([j], epoch)
         return logs
+
+    def _read_later(self, j, epoch):
+        """Whether a stage after loop epoch ``epoch`` reads T^(j) (its successor's), or the diagnostics
+        record every stage's spectra: the run's last T is never read, so it is not computed."""
+        return self.diagnosis is not None or any(m == self.successor(j) for m, _, _ in self.plan[epoch + 1:])
 
     def _refresh_due(self, j, epoch):
         """Whether the stage of j ending with loop epoch ``epoch`` is its 1st, (r+1)-th, (2r+1)-th …"""
