@@ -309,6 +309,34 @@ def test_a_study_refuses_to_resume_under_other_settings(toy, tmp_path, monkeypat
     assert "study 'joint@toy.npz:a,b'" in err and "(space.train.lr, train.epochs)" in err
 
 
+def test_trial_seeds_score_a_trial_by_the_mean_of_its_seeds_runs(toy, tmp_path, monkeypatch):
+    """--trial-seeds 0,3: each trial trains from seed 0 and from seed 3 (folders seed_0, seed_3) and its
+    value is the mean of the two runs' validation accuracies, each equal to a separate run of the
+    trial's config from that seed; the study refuses to resume with other trial seeds."""
+    import mie
+    monkeypatch.chdir(tmp_path)
+    args = ["tune", "--data", "toy.npz", "--methods", "joint", "--trials", "2", "--seeds", "0", "--out", "tune",
+            "--trial-seeds", "0,3", *TINY]
+    assert main(args) == 0
+    trials = _studies(tmp_path / "tune" / "tune.db")["joint@toy.npz:a,b"]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t in trials:
+        folder = tmp_path / "tune" / "trials" / "joint" / f"trial_{t.number:04d}"
+        scores = []
+        for seed in (0, 3):
+            cfg = build_config(None, TINY + [f"train.lr={t.params['train.lr']}",
+                                             f"train.weight_decay={t.params['train.weight_decay']}",
+                                             f"train.seed={seed}", "data.split_seed=0"],
+                               data={"path": "toy.npz"}, method={"name": "joint"})
+            scores.append(mie.fit(config=cfg, progress=False)["val"]["accuracy"])
+            assert json.loads((folder / f"seed_{seed}" / "metrics.json").read_text())["val"]["accuracy"] == scores[-1]
+        assert t.user_attrs["val_accuracy_seeds"] == scores
+        assert t.value == pytest.approx(sum(scores) / 2, abs=1e-12)
+    assert "from each of seeds 0, 3 (the trial's score: their mean" in (tmp_path / "tune" / "tune.md").read_text()
+    _assert_no_test_numbers(trials, tmp_path / "tune" / "trials")
+    assert main(args[:-len(TINY) - 2] + ["--trial-seeds", "0", *TINY]) == 2
+
+
 # ---- what tuning relies on ---------------------------------------------------------------------------
 def test_split_seed_fixes_the_split_across_run_seeds():
     from mie.data import MultimodalArrays
@@ -359,6 +387,7 @@ def test_compare_applies_per_method_settings_to_that_method_alone(toy, tmp_path)
     (["--trials", "0"], "--trials must be an integer >= 1"),
     (["--budget", "-1"], "--budget must be a number of minutes > 0"),
     (["--join"], "--join: no study 'mie@toy.npz:a,b'"),
+    (["--trial-seeds", "1,1"], "--trial-seeds 1,1: each seed once"),
 ])
 def test_bad_input_is_one_line(toy, tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.chdir(tmp_path)

@@ -157,6 +157,8 @@ def build_parser():
     p.add_argument("--pruner", default="none", choices=["none", "median", "hyperband"],
                    help="stop hopeless trials early on their validation score per epoch (default none)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the best parameters' re-run (default 0,1,2,3,4)")
+    p.add_argument("--trial-seeds", default="0", metavar="SEEDS",
+                   help="each trial runs from these seeds, scored by their mean validation score (default 0)")
     p.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                    help="search KEY (tau, method.tau, train.lr, model.dim) over SPEC: log:A:B, float:A:B, "
                         "int:A:B, choice:a,b,c, or one value to fix it; repeatable")
@@ -353,7 +355,7 @@ def cmd_tune(args):
         entries.append(("all", key.strip(), spec.strip()))
     summary = tune(_config(args), methods, args.trials, args.out, storage=args.storage, workers=args.workers,
                    join=args.join, budget=args.budget, pruner=args.pruner, seeds=_ints(args.seeds, "--seeds"),
-                   space_entries=entries, fixed_keys=fixed, method_overrides=method_overrides,
+                   trial_seeds=_ints(args.trial_seeds, "--trial-seeds"), space_entries=entries, fixed_keys=fixed, method_overrides=method_overrides,
                    sampler_seed=args.sampler_seed, heartbeat=args.heartbeat, command=shlex.join(["mie", *args.argv]))
     if summary is not None:
         print((Path(args.out) / "tune.md").read_text())

@@ -6,8 +6,10 @@ What is searched: each method's declared spaces (``Param(..., space=Space(...))`
 training parameters (``SHARED_SPACE``), narrowed, widened or fixed by --space KEY=SPEC and
 --space-file ({method or all: {key: spec}}). SPEC: log:A:B, float:A:B, int:A:B, choice:a,b,c, or one
 value (fixed). Every trial trains on one split (data.split_seed, default 0) from seed 0's
-initialisation, trial 0 of each study with the method's defaults (those in its space); the re-runs
-keep that split and vary train.seed, so no test sample ever served the tuning.
+initialisation (or, with --trial-seeds, from each of those seeds, its score the mean of their
+validation scores: one lucky initialisation then picks no parameters), trial 0 of each study with the
+method's defaults (those in its space); the re-runs keep that split and vary train.seed, so no test
+sample ever served the tuning.
 
 One Optuna study per method, named ``<method>@<data>:<modalities>`` so that several datasets share a
 storage; a study remembers its settings (config, space, trials) and refuses to resume under others.
@@ -39,7 +41,7 @@ from .tune_report import report
 SHARED_SPACE = {"train.lr": Space("log", 1e-4, 1e-2), "train.weight_decay": Space("log", 1e-6, 1e-2)}
 KINDS = ("log", "float", "int", "choice")
 UNTUNABLE = {"epochs": "the epoch budget is the same for every method",
-             "seed": "trials use seed 0; the re-runs use --seeds", "select_on": "it defines the score",
+             "seed": "trials use --trial-seeds; the re-runs use --seeds", "select_on": "it defines the score",
              "device": "it is not a hyper-parameter", "threads": "it is not a hyper-parameter",
              "num_workers": "it is not a hyper-parameter"}
 PRUNERS = ("none", "median", "hyperband")
@@ -207,29 +209,33 @@ def _in_space(space, value):
     return number and (space.kind != "int" or isinstance(value, int)) and space.low <= value <= space.high
 
 
-def study_plans(cfg, methods, spaces, method_overrides, tag, trials):
-    """A StudyPlan per method: its trial config (data.split_seed fixed, default 0; train.seed 0), space,
-    fixed values, the defaults trial 0 tries, and the settings its study is checked against."""
+def study_plans(cfg, methods, spaces, method_overrides, tag, trials, trial_seeds=(0,)):
+    """A StudyPlan per method: its trial config (data.split_seed fixed, default 0; train.seed the first
+    trial seed), space, fixed values, the defaults trial 0 tries, and the settings its study is checked
+    against."""
     split_seed = 0 if cfg["data"]["split_seed"] is None else cfg["data"]["split_seed"]
-    base = config_mod.merge(cfg, {"data": {"split_seed": split_seed}, "train": {"seed": 0}})
+    base = config_mod.merge(cfg, {"data": {"split_seed": split_seed}, "train": {"seed": trial_seeds[0]}})
     plans = []
     for m in methods:
         space, fixed = spaces[m]
         mcfg = method_config(base, m, method_overrides, fixed)
         defaults = {k: config_value(mcfg, k) for k in space if _in_space(space[k], config_value(mcfg, k))}
         kept = config_mod.merge(mcfg, {"train": {"threads": None, "device": None, "num_workers": None}})
-        settings = json.loads(json.dumps({"config": kept, "space": {k: list(s) for k, s in space.items()},
-                                          "trials": trials}))
+        settings = {"config": kept, "space": {k: list(s) for k, s in space.items()}, "trials": trials}
+        if list(trial_seeds) != [0]:          # a study made before --trial-seeds existed used seed 0
+            settings["trial_seeds"] = list(trial_seeds)
+        settings = json.loads(json.dumps(settings))
         plans.append(StudyPlan(m, f"{m}@{tag}", mcfg, space, fixed, defaults, settings))
     return plans
 
 
 def tune(cfg, methods, trials, out_dir, *, storage=None, workers=1, join=False, budget=None, pruner="none",
-         seeds=(0, 1, 2, 3, 4), space_entries=(), fixed_keys=(), method_overrides=None, sampler_seed=0,
-         heartbeat=30, command=None, log=print):
-    """Tune every method in ``methods`` with ``trials`` trials (``budget`` minutes at most each), then
-    re-run each one's best parameters over ``seeds``; return the summary ``report`` wrote (None with
-    ``join``: this process only works on the studies' remaining trials)."""
+         seeds=(0, 1, 2, 3, 4), trial_seeds=(0,), space_entries=(), fixed_keys=(), method_overrides=None,
+         sampler_seed=0, heartbeat=30, command=None, log=print):
+    """Tune every method in ``methods`` with ``trials`` trials (``budget`` minutes at most each), each
+    trial scored by the mean validation score of runs from ``trial_seeds``, then re-run each one's best
+    parameters over ``seeds``; return the summary ``report`` wrote (None with ``join``: this process
+    only works on the studies' remaining trials)."""
     require_optuna()
     for what, value, low in (("--trials", trials, 1), ("--workers", workers, 1), ("--heartbeat", heartbeat, 1)):
         if not isinstance(value, int) or value < low:
@@ -238,8 +244,10 @@ def tune(cfg, methods, trials, out_dir, *, storage=None, workers=1, join=False, 
         raise MieInputError(f"--budget must be a number of minutes > 0, got {budget}")
     if pruner not in PRUNERS:
         raise MieInputError(f"--pruner {pruner}: expected one of {', '.join(PRUNERS)}")
-    if not methods or not seeds:
-        raise MieInputError("mie tune needs at least one method and one seed")
+    if not methods or not seeds or not trial_seeds:
+        raise MieInputError("mie tune needs at least one method, one seed and one trial seed")
+    if len(set(trial_seeds)) != len(trial_seeds):
+        raise MieInputError(f"--trial-seeds {','.join(map(str, trial_seeds))}: each seed once")
     for m in methods:
         method_params(m)
     overrides = dict(method_overrides or {})
@@ -248,8 +256,9 @@ def tune(cfg, methods, trials, out_dir, *, storage=None, workers=1, join=False, 
     out.mkdir(parents=True, exist_ok=True)
     arrays = trial_data(cfg)
     plan = Plan(storage or f"sqlite:///{(out / 'tune.db').resolve()}",
-                study_plans(cfg, methods, spaces, overrides, data_tag(cfg, arrays), trials), trials, out / "trials",
-                heartbeat, pruner, sampler_seed, None if budget is None else budget * 60)
+                study_plans(cfg, methods, spaces, overrides, data_tag(cfg, arrays), trials, trial_seeds), trials,
+                out / "trials", heartbeat, pruner, sampler_seed, None if budget is None else budget * 60,
+                tuple(trial_seeds))
     db = open_storage(plan.storage, heartbeat)
     for sp in plan.studies:
         ready_study(db, plan, sp, join)

@@ -104,6 +104,12 @@ def _space_text(space):
                      f"{_number(s.high)}]" for k, s in space.items()) or "(nothing)"
 
 
+def _seeds_text(seeds):
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}'s initialisation"
+    return f"each of seeds {', '.join(map(str, seeds))} (the trial's score: their mean; the pruner follows seed {seeds[0]})"
+
+
 def tune_markdown(plan, rows, best, skipped, seeds, split_seed, plot_notes, command, results):
     cfg = plan.studies[0].cfg
     select_on = cfg["train"]["select_on"]
@@ -112,7 +118,7 @@ def tune_markdown(plan, rows, best, skipped, seeds, split_seed, plot_notes, comm
         f"Every method: {plan.trials} trials (TPE, sampler seed {plan.sampler_seed}, {startup_trials(plan.trials)} "
         f"random start-up trials, a constant liar for running trials; pruner {plan.pruner}){budget}. A trial is a full "
         f"training run ({cfg['train']['epochs']} epochs per modality) on one split (data.split_seed {split_seed}) "
-        f"from seed 0's initialisation, scored on validation {select_on} of the checkpoint validation chose; no "
+        f"from {_seeds_text(plan.trial_seeds)}, scored on validation {select_on} of the checkpoint validation chose; no "
         "trial reads test. Trial 0 of each study runs the method's defaults (those inside its space).",
         f"Studies in `{plan.storage}`: " + ", ".join(f"`{sp.name}`" for sp in plan.studies) + ".", "",
         f"| method | complete | pruned | failed | not run | killed, run again | minutes | best val {select_on} | "

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import config as config_mod
 from .errors import MieInputError, TrainingDivergedError
 
 GRACE = 4          # heartbeats a trial may miss before it counts as stale
@@ -53,6 +54,7 @@ class Plan:
     pruner: str = "none"
     sampler_seed: int = 0
     budget_s: float = None
+    trial_seeds: tuple = (0,)   # a trial's score: the mean validation score of runs from these seeds
 
 
 def require_optuna():
@@ -250,13 +252,27 @@ def suggest(trial, space):
     return out
 
 
-def validation_attrs(result):
-    """What a finished trial keeps: validation metrics (fused and per modality), best epoch, seconds."""
-    val = result["val"]
-    attrs = {f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "map", "loss")}
-    attrs.update({f"val_acc_{m}": v["accuracy"] for m, v in val["per_modality"].items()})
-    attrs.update(best_epoch=result["best_epoch"], loop_epochs=result["loop_epochs"], seconds=result["seconds"])
+def validation_attrs(results, select_on):
+    """What a finished trial keeps: validation metrics (fused and per modality), best epoch and seconds;
+    over several seeds' runs, the means (seconds: the sum) and each seed's score (``val_<select_on>_seeds``)."""
+    each = []
+    for result in results:
+        val = result["val"]
+        one = {f"val_{k}": val[k] for k in ("accuracy", "macro_f1", "map", "loss")}
+        one.update({f"val_acc_{m}": v["accuracy"] for m, v in val["per_modality"].items()})
+        each.append({**one, "best_epoch": result["best_epoch"], "loop_epochs": result["loop_epochs"]})
+    if len(results) == 1:
+        return {**each[0], "seconds": results[0]["seconds"]}
+    attrs = {k: sum(one[k] for one in each) / len(each) for k in each[0]}
+    attrs["seconds"] = sum(result["seconds"] for result in results)
+    attrs[f"val_{select_on}_seeds"] = [one[f"val_{select_on}"] for one in each]
     return attrs
+
+
+def remove_checkpoints(run_dir):
+    """A trial's folder keeps no checkpoint: its run's, or each seed's run's."""
+    for checkpoints in [run_dir / "checkpoints", *run_dir.glob("seed_*/checkpoints")]:
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def run_trial(storage, plan, sp, trial_id, data, log):
@@ -281,9 +297,14 @@ def run_trial(storage, plan, sp, trial_id, data, log):
             values = suggest(trial, sp.space)
             cfg = trial_config(sp.cfg, values)
             select_on = cfg["train"]["select_on"]
-            result = run(cfg, data, out_dir=run_dir, callbacks=[Reporter(trial, select_on)], progress=False,
-                         read_test=False)
-            attrs, state, value = validation_attrs(result), TrialState.COMPLETE, result["val"][select_on]
+            results = []
+            for seed in plan.trial_seeds:       # the pruner follows the first seed's run
+                results.append(run(config_mod.merge(cfg, {"train": {"seed": seed}}), data,
+                                   out_dir=run_dir if len(plan.trial_seeds) == 1 else run_dir / f"seed_{seed}",
+                                   callbacks=[Reporter(trial, select_on)] if not results else [], progress=False,
+                                   read_test=False))
+            attrs = validation_attrs(results, select_on)
+            state, value = TrialState.COMPLETE, attrs[f"val_{select_on}"]
         except optuna.TrialPruned as e:
             attrs = {"pruned_at": str(e), "seconds": round(time.perf_counter() - start, 3)}
             state, value = TrialState.PRUNED, None
@@ -295,7 +316,7 @@ def run_trial(storage, plan, sp, trial_id, data, log):
             requeue(study, storage, trial_id)
             raise
         finally:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            remove_checkpoints(run_dir)
         try:
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)
