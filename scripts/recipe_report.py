@@ -35,11 +35,19 @@ def mean_of(rows, method, key):
     return mean_std([float(r[key]) for r in rows if r["method"] == method])
 
 
-def task_lines(task, rows, methods, reference="joint"):
+def tune_command(folder):
+    """The ``mie tune`` command tune.md records (None if it records none)."""
+    for line in (folder / "tune.md").read_text().splitlines():
+        if line.startswith("Command: "):
+            return line[len("Command: "):]
+    return None
+
+
+def task_lines(task, rows, methods, command=None, reference="joint"):
     """The task's table row per method and the recipe's verdicts (fused ≥ each other method; weakest
     modality above joint's)."""
     mods = modalities(rows)
-    lines = [f"### {task}", "", "| method | n | test acc | " + " | ".join(f"acc {m}" for m in mods) + " | val acc |",
+    lines = [f"### {task}", ""] + ([command, ""] if command else []) + ["| method | n | test acc | " + " | ".join(f"acc {m}" for m in mods) + " | val acc |",
              "|---|---|---|" + "---|" * len(mods) + "---|"]
     for method in methods:
         n = sum(r["method"] == method for r in rows)
@@ -69,7 +77,7 @@ def report(root, tasks):
     for task in tasks:
         rows, params = read_task(root / task)
         methods = methods or list(dict.fromkeys(r["method"] for r in rows))
-        lines, verdicts = task_lines(task, rows, methods)
+        lines, verdicts = task_lines(task, rows, methods, tune_command(root / task))
         sections += lines
         verdict_rows.append((task, verdicts))
         best[task] = params
