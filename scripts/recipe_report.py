@@ -17,7 +17,6 @@ import yaml
 from mie.compare import mean_std, paired_differences
 from mie.io import write_text
 
-RECIPE = "mie_recipe"
 
 
 def read_task(folder):
@@ -43,7 +42,7 @@ def tune_command(folder):
     return None
 
 
-def task_lines(task, rows, methods, command=None, reference="joint"):
+def task_lines(task, rows, methods, recipe, command=None, reference="joint"):
     """The task's table row per method and the recipe's verdicts (fused ≥ each other method; weakest
     modality above joint's)."""
     mods = modalities(rows)
@@ -55,29 +54,29 @@ def task_lines(task, rows, methods, command=None, reference="joint"):
         acc, sd = mean_of(rows, method, "test_accuracy")
         val, vsd = mean_of(rows, method, "val_accuracy")
         lines.append(f"| {method} | {n} | {acc:.4f} ± {sd:.4f} | " + " | ".join(cells) + f" | {val:.4f} ± {vsd:.4f} |")
-    lines += ["", f"Paired by seed, `{RECIPE}` − method (fused test accuracy, 95% t-interval):", "",
+    lines += ["", f"Paired by seed, `{recipe}` − method (fused test accuracy, 95% t-interval):", "",
               "| method | mean difference | 95% interval | seeds won by the recipe |", "|---|---|---|---|"]
     verdicts = {}
     for other in methods:
-        if other == RECIPE:
+        if other == recipe:
             continue
-        mean, half, won, n = paired_differences(rows, [RECIPE], other)[RECIPE]
+        mean, half, won, n = paired_differences(rows, [recipe], other)[recipe]
         interval = "n/a" if half is None else f"[{mean - half:+.4f}, {mean + half:+.4f}]"
         lines.append(f"| {other} | {mean:+.4f} | {interval} | {won}/{n} |")
         verdicts[f"fused ≥ {other}"] = (mean >= 0, f"{mean:+.4f}")
-    weakest = min(mods, key=lambda m: mean_of(rows, RECIPE, f"test_acc_{m}")[0])
-    mine, theirs = mean_of(rows, RECIPE, f"test_acc_{weakest}")[0], mean_of(rows, reference, f"test_acc_{weakest}")[0]
+    weakest = min(mods, key=lambda m: mean_of(rows, recipe, f"test_acc_{m}")[0])
+    mine, theirs = mean_of(rows, recipe, f"test_acc_{weakest}")[0], mean_of(rows, reference, f"test_acc_{weakest}")[0]
     verdicts[f"weakest modality above {reference}'s"] = (mine > theirs, f"{weakest} {mine:.3f} vs {theirs:.3f}")
     lines += ["", f"The recipe's weakest modality alone: {weakest} {mine:.4f} against {reference}'s {theirs:.4f}.", ""]
     return lines, verdicts
 
 
-def report(root, tasks):
+def report(root, tasks, recipe="mie_recipe"):
     methods, verdict_rows, sections, best = None, [], [], {}
     for task in tasks:
         rows, params = read_task(root / task)
         methods = methods or list(dict.fromkeys(r["method"] for r in rows))
-        lines, verdicts = task_lines(task, rows, methods, tune_command(root / task))
+        lines, verdicts = task_lines(task, rows, methods, recipe, tune_command(root / task))
         sections += lines
         verdict_rows.append((task, verdicts))
         best[task] = params
@@ -91,14 +90,14 @@ def report(root, tasks):
         out.append(f"| {task} | " + " | ".join(f"{'yes' if ok else '**no**'} ({why})" for ok, why in verdicts.values())
                    + " |")
     out += ["", "## Per task", ""] + sections + ["## Best parameters found by each task's tuning", ""]
-    keys = sorted({k for params in best.values() for k in params.get(RECIPE, {})})
-    out += [f"`{RECIPE}`:", "", "| task | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    keys = sorted({k for params in best.values() for k in params.get(recipe, {})})
+    out += [f"`{recipe}`:", "", "| task | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for task, params in best.items():
-        out.append(f"| {task} | " + " | ".join(f"{params[RECIPE].get(k, '–'):.3g}" for k in keys) + " |")
-    medians = {k: statistics.median(p[RECIPE][k] for p in best.values() if k in p[RECIPE]) for k in keys}
+        out.append(f"| {task} | " + " | ".join(f"{params[recipe].get(k, '–'):.3g}" for k in keys) + " |")
+    medians = {k: statistics.median(p[recipe][k] for p in best.values() if k in p[recipe]) for k in keys}
     out.append("| median | " + " | ".join(f"{v:.3g}" for v in medians.values()) + " |")
     for method in methods:
-        if method != RECIPE:
+        if method != recipe:
             out += ["", f"`{method}`: " + "; ".join(
                 f"{task} " + ", ".join(f"{k} {v:.3g}" for k, v in params[method].items()) for task, params in best.items())]
     return "\n".join(out) + "\n"
@@ -108,11 +107,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the folder holding one mie tune output per task")
     parser.add_argument("--out", type=Path, required=True, help="the Markdown report to write")
+    parser.add_argument("--recipe", default="mie_recipe", help="the method the others are compared with")
     args = parser.parse_args()
     tasks = sorted(p.name for p in args.root.iterdir() if (p / "final" / "results.csv").is_file())
     if not tasks:
         raise SystemExit(f"no finished tuning under {args.root} (expected <task>/final/results.csv)")
-    write_text(args.out, report(args.root, tasks))
+    write_text(args.out, report(args.root, tasks, args.recipe))
     print(f"wrote {args.out} ({len(tasks)} tasks: {', '.join(tasks)})")
 
 

@@ -3,14 +3,15 @@
 # plain alternation and the MIE recipe with the same number of trials on validation, then re-run each
 # method's best parameters over 5 seeds (test read once per run), and write docs/recipe_suite.md.
 # Two lanes of three tasks run side by side (one torch thread each). About 45 minutes on 2 cores.
-#   bash scripts/recipe_suite.sh [OUT=runs/suite] [TRIALS=8] [TRIAL_SEEDS=0] [REPORT=docs/recipe_suite.md]
+#   bash scripts/recipe_suite.sh [OUT=runs/suite] [TRIALS=8] [TRIAL_SEEDS=0] [REPORT=docs/recipe_suite.md] [RECIPE=mie_recipe]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/suite}
 trials=${2:-8}
 trial_seeds=${3:-0}
 report=${4:-docs/recipe_suite.md}
-methods=joint,alternating,mie_recipe
+recipe=${5:-mie_recipe}
+methods=joint,alternating,$recipe
 lane() {
   for task in "$@"; do
     .venv/bin/mie tune --config "configs/suite/$task.yaml" --methods "$methods" --trials "$trials" \
@@ -21,4 +22,4 @@ mkdir -p "$out"
 lane segment mfeat_fac_mor basicmotions &
 lane htad mfeat_pix_zer mfeat_all_views &
 wait
-.venv/bin/python scripts/recipe_report.py "$out" --out "$report"
+.venv/bin/python scripts/recipe_report.py "$out" --out "$report" --recipe "$recipe"

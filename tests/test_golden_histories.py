@@ -16,7 +16,7 @@ batches as the released code does (``gm_batches``), re-recorded for mie, mie_gm_
 mie_recipe; the speed work before it (cheaper covariance hooks, ``gm_refresh``) changed no value.
 All were re-recorded once more when the recording pinned its numerics to CPU-independent kernels
 (``MKL_CBWR=COMPATIBLE``, ``ATEN_CPU_CAPABILITY=default``); before that, the values held only on CPUs
-with the recording machine's vector units."""
+with the recording machine's vector units. ``mie_recipe_heads`` was recorded as implemented."""
 import json
 import math
 import platform

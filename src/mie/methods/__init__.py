@@ -8,7 +8,7 @@ from .domfn import DOMFN
 from .greedy import Greedy
 from .joint import Joint
 from .mie import MIE
-from .mie_recipe import MIERecipe
+from .mie_recipe import MIERecipe, MIERecipeHeads
 from .miles import MILES
 from .mla import MLA
 from .mmpareto import MMPareto
@@ -39,6 +39,8 @@ METHODS = {
     "alternating": (MIE, {"sam": False, "gm": False}, "plain alternating unimodal training (no SAM, no GM)"),
     "mie_recipe": (MIERecipe, {}, "the recommended MIE recipe: MIE whose stages also fit the ensemble "
                                   "(ensemble_weight 0.5), heads fused in log space (docs/recipe.md)"),
+    "mie_recipe_heads": (MIERecipeHeads, {}, "the MIE recipe with a second head per modality for the ensemble "
+                                             "term and the fused prediction; each modality's own head stays its own"),
     "ogm_ge": (OGMGE, {}, "OGM-GE: dominant encoder's weight gradients × (1 − tanh(α·ρ)) for ρ > 1, + Gaussian noise (GE)"),
     "ogm": (OGMGE, {"ge": "off"}, "OGM: gradient modulation without the GE noise"),
     "opm": (OPM, {}, "OPM: drop the dominant modality's features with probability q in the forward pass"),

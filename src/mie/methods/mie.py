@@ -101,7 +101,7 @@ import torch.nn.functional as F
 
 from ..diagnostics import GMDiagnostics
 from ..errors import MieInputError
-from ..models import eval_mode
+from ..models import LATE_FUSIONS, EnsembleHeadsModel, eval_mode
 from ..optim import (GM_LAYERS, SAM, GradientModification, InputCovariance, LowRankModification,
                      flat_modification_from_means, input_dim, matrix_stats)
 from .base import Method, fusion_param, require_two_modalities
@@ -154,7 +154,6 @@ def _supported(layer):
 
 class MIE(Method):
     name = "mie"
-    separate_modalities = True
     params = {
         "tau": Param(0.4, number(above=0), "GM temperature τ: the sharpest direction is damped by e^{-τ} (paper 0.4)",
                      Space("log", 0.04, 4.0)),          # ours: a decade each side of the paper's 0.4
@@ -170,10 +169,13 @@ class MIE(Method):
         "alternation": Param("stage", one_of("stage", "iteration"), "stages of whole epochs, or every modality per batch"),
         "epochs_per_stage": Param(1, stage_lengths, "epochs of one stage (one number, or one per modality)"),
         "order": Param(None, modality_list, "the modality cycle (default: the data's order)"),
-        "fusion": fusion_param("average"),
+        "fusion": fusion_param("average", LATE_FUSIONS + ("model",)),
         "ensemble_weight": Param(0.0, number(at_least=0, at_most=1),
                                  "λ: weight of the ensemble loss CE(z_j + Σ z_k) in j's stage (0: the paper's "
                                  "CE; mie_recipe tunes it)"),
+        "ensemble_heads": Param(False, boolean, "a second head g_m per modality takes the ensemble term, "
+                                                "CE(g_j + Σ g_k), and gives the fused prediction Σ g_m (fusion "
+                                                "'model'); h_m, trained on m's own CE, stays m's prediction"),
         "gm_refresh": Param(1, number(at_least=1, integer=True),
                             "T^(j) recomputed after every r-th stage of j, reused in between (1: every stage)"),
         "gm_batches": Param("shuffled", one_of("shuffled", "data"),
@@ -200,15 +202,31 @@ class MIE(Method):
         if values["ensemble_weight"] and values["objective"] != "paper":
             raise MieInputError("method.ensemble_weight mixes the ensemble loss into the paper's objective; "
                                 "it cannot be used with objective 'released'")
+        if values["ensemble_heads"] and not values["ensemble_weight"]:
+            raise MieInputError("method.ensemble_heads trains the second heads on the ensemble term; it needs "
+                                "method.ensemble_weight > 0")
+        if (values["fusion"] == "model") != bool(values["ensemble_heads"]):
+            raise MieInputError("method.fusion 'model' is the ensemble heads' summed logits: use it with "
+                                "method.ensemble_heads=true, and ensemble heads with fusion 'model'")
 
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive", "sam_every", "sam_reuse"} if fixed.get("sam") is False else set()) | \
                ({"tau", "gm_scope", "gm_into", "gm_refresh", "gm_batches", "gm_lowrank", "diagnostics"}
                 if fixed.get("gm") is False else set()) | \
-               ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released" else {"ensemble_weight"})
+               ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released"
+                else {"ensemble_weight", "ensemble_heads"})
 
     # ---- set-up -----------------------------------------------------------------------
+    def build_model(self, spec):
+        return EnsembleHeadsModel.build(spec) if self.ensemble_heads else super().build_model(spec)
+
+    @property
+    def separate_modalities(self):
+        """Validation reuses each untrained modality's logits, unless the fused prediction comes from the
+        ensemble heads (``logits`` then computes every modality's both heads)."""
+        return not self.ensemble_heads
+
     def setup(self, model, ctx):
         super().setup(model, ctx)
         require_two_modalities(model, self.name)
@@ -308,9 +326,12 @@ class MIE(Method):
 
     @torch.no_grad()
     def _other_logits(self, j, xs):
-        """Σ_{k≠j} z_k (B, K) of the modalities not trained in this step, in eval mode, without gradient."""
+        """Σ_{k≠j} z_k (B, K) of the modalities not trained in this step (their ensemble heads' g_k with
+        ``ensemble_heads``), in eval mode, without gradient."""
         others = [k for k in self.cycle if k != j]
-        with eval_mode(*(self.model.encoders[k] for k in others), *(self.model.heads[k] for k in others)):
+        with eval_mode(*(self.model.modality_modules(k) for k in others)):
+            if self.ensemble_heads:
+                return sum(self.model.ensemble_modality(k, xs[k]) for k in others)
             return sum(self.model.forward_modality(k, xs[k]) for k in others)
 
     def _objective(self, j, xs, y):
@@ -321,6 +342,11 @@ class MIE(Method):
             if not self.ensemble_weight:
                 return lambda j: F.cross_entropy(self.model.forward_modality(j, x), y)
             lam, others = self.ensemble_weight, self._other_logits(j, xs)
+            if self.ensemble_heads:
+                def two_heads_loss(j):
+                    own, share = self.model.both_heads(j, x)
+                    return (1 - lam) * F.cross_entropy(own, y) + lam * F.cross_entropy(share + others, y)
+                return two_heads_loss
 
             def ensemble_loss(j):
                 z = self.model.forward_modality(j, x)
@@ -353,6 +379,20 @@ class MIE(Method):
                 t = LowRankModification.from_means(Z[-i], self.tau) if low_rank else T[-i]
                 matrices[-i] = t.to(device=p.device, dtype=p.dtype)
         self.gm_hooks[j].matrices = matrices
+
+    # ---- inference ------------------------------------------------------------------------
+    def logits(self, xs):
+        """({m: h_m logits}, None), or with ``ensemble_heads`` ({m: h_m logits}, Σ_m g_m logits)."""
+        if not self.ensemble_heads:
+            return super().logits(xs)
+        both = {m: self.model.both_heads(m, xs[m]) for m in self.model.modalities}
+        return {m: own for m, (own, _) in both.items()}, sum(share for _, share in both.values())
+
+    @torch.no_grad()
+    def predict_present(self, xs, present):
+        if not self.ensemble_heads:
+            return super().predict_present(xs, present)
+        return F.softmax(self.model.fused_logits(xs, list(present)).float(), dim=-1)
 
     # ---- between stages ----------------------------------------------------------------
     def end_epoch(self, epoch):

@@ -10,9 +10,10 @@ development suite (configs/suite; the evidence is in docs/recipe.md and docs/fus
 Everything else is the paper's MIE (SAM, GM, stages, the budget); ``mie`` stays the paper's method.
 Both settings remain parameters, so ``mie tune`` searches λ with τ, ρ and the learning rate.
 """
+from ..models import LATE_FUSIONS
 from .base import fusion_param
 from .mie import MIE
-from .params import Param, Space, number
+from .params import Param, Space, boolean, number
 
 
 class MIERecipe(MIE):
@@ -22,3 +23,18 @@ class MIERecipe(MIE):
               "ensemble_weight": Param(0.5, number(at_least=0, at_most=1),
                                        "λ: weight of the ensemble loss CE(z_j + Σ z_k) in j's stage",
                                        Space("float", 0.0, 1.0))}
+
+
+class MIERecipeHeads(MIERecipe):
+    """``mie_recipe`` with a second head per modality (``ensemble_heads``): in j's stage the encoder φ_j
+    feeds its own head h_j, trained on CE(h_j, y), and an ensemble head g_j, trained on
+    CE(g_j + Σ_{k≠j} g_k, y) (weights 1 − λ and λ); the fused prediction is Σ_m g_m (fusion "model"),
+    each modality's own prediction h_m. The ensemble no longer asks the heads that must be good alone
+    to be complementary too, only the features they share."""
+    name = "mie_recipe_heads"
+    params = {**MIERecipe.params,
+              "fusion": fusion_param("model", LATE_FUSIONS + ("model",)),
+              "ensemble_weight": Param(0.5, number(above=0, at_most=1),
+                                       "λ: weight of the ensemble heads' loss CE(g_j + Σ g_k) in j's stage",
+                                       Space("float", 0.05, 1.0)),    # λ = 0 would leave the g_m untrained
+              "ensemble_heads": Param(True, boolean, MIERecipe.params["ensemble_heads"].help)}

@@ -54,3 +54,36 @@ class LateFusionModel(MultimodalModel):
         """Build from a ``ModelSpec`` (input shapes, encoder names, dim, classes, head widths);
         subclasses take their own extra arguments after ``spec``."""
         return cls(build_encoders(spec), modality_heads(spec), *args, **kwargs)
+
+
+class EnsembleHeadsModel(LateFusionModel):
+    """A late-fusion model with a second head g_m per modality for the fused prediction: h_m(φ_m(x_m))
+    is modality m's own prediction (``forward_modality``), Σ_m g_m(φ_m(x_m)) the fused logits (B, K)
+    (``fused_logits``); both heads read the same features φ_m(x_m)."""
+
+    def __init__(self, encoders, heads, ensemble_heads):
+        super().__init__(encoders, heads)
+        if list(encoders) != list(ensemble_heads):
+            raise ValueError("encoders and ensemble heads must name the same modalities in the same order")
+        self.ensemble_heads = nn.ModuleDict(ensemble_heads)
+
+    def modality_modules(self, m):
+        """Modality m's encoder, its own head and its ensemble head."""
+        return nn.ModuleList([self.encoders[m], self.heads[m], self.ensemble_heads[m]])
+
+    def both_heads(self, m, x):
+        """(h_m(φ_m(x)), g_m(φ_m(x))), each (B, K), from one pass of the encoder."""
+        features = self.encoders[m](x)
+        return self.heads[m](features), self.ensemble_heads[m](features)
+
+    def ensemble_modality(self, m, x):
+        """g_m(φ_m(x)) (B, K): modality m's share of the fused logits."""
+        return self.ensemble_heads[m](self.encoders[m](x))
+
+    def fused_logits(self, xs, modalities=None):
+        """Σ_m g_m(φ_m(x_m)) (B, K) over ``modalities`` (default: all)."""
+        return sum(self.ensemble_modality(m, xs[m]) for m in (modalities or self.modalities))
+
+    @classmethod
+    def build(cls, spec, *args, **kwargs):
+        return cls(build_encoders(spec), modality_heads(spec), modality_heads(spec), *args, **kwargs)
