@@ -67,6 +67,13 @@ the way gradient boosting (and ReconBoost's stage loss) fits each learner agains
 ensemble. Independently trained heads err on the same samples, so their fusion gains little
 (docs/fusion.md); this term is what makes them complementary. Its natural inference rule is
 ``log`` (softmax of the mean log-probabilities: the summed logits' argmax), as ``mie_recipe`` uses.
+``ensemble_heads`` (ours, ``mie_recipe_heads``) gives each modality a second head g_m on the same
+features for that term, so that the head that must be good alone is not also asked to complement:
+
+    L = (1 − λ) · CE(h_j(φ_j(x_j)), y) + λ · CE(g_j(φ_j(x_j)) + Σ_{k≠j} g_k(φ_k(x_k)), y)
+
+the fused prediction is softmax(Σ_m g_m) (``fusion="model"``), each modality's own prediction
+softmax(h_m); θ_j holds φ_j, h_j and g_j, GM acts on h_j's layers as in the paper.
 
 Efficiency options (ours, after the cited papers; defaults leave every step a full SAM step):
 ``sam_every`` = k runs SAM's two passes on each modality's optimizer steps 0, k, 2k, … and a plain
