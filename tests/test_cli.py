@@ -176,7 +176,7 @@ def _catalogue(tmp_path, npz_file):
         "train: --resume from a damaged last.pt": (["train", *data, "--method", "joint", "--out", damaged_run,
                                                      "--resume", *TINY], "damaged or not a mie checkpoint"),
         "train: unknown fusion": (["train", *data, "--out", tmp_path / "o2", "method.fusion=bogus", *TINY],
-                                  "fusion must be one of 'average', 'weight', 'log', 'fitted', got 'bogus'"),
+                                  "fusion must be one of 'average', 'weight', 'log', 'fitted', 'model', got 'bogus'"),
         "train: tau out of range": (["train", *data, "--out", tmp_path / "o3", "method.tau=-1", *TINY],
                                     "tau must be a number > 0, got -1"),
         "eval: missing checkpoint": (["eval", "--checkpoint", tmp_path / "none.pt"], "no such file"),

@@ -165,6 +165,6 @@ def test_an_unknown_rule_is_one_line(capsys, npz_file, tmp_path):
     code = main(["train", "--data", str(npz_file), "--out", str(tmp_path / "r"), "method.fusion=geometric", *TINY])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "fusion must be one of 'average', 'weight', 'log', 'fitted', got 'geometric'" in err
+    assert "fusion must be one of 'average', 'weight', 'log', 'fitted', 'model', got 'geometric'" in err
     with pytest.raises(MieInputError, match="expected one of average, weight, log, fitted"):
         fuse(torch.tensor(PROBS), "geometric")

@@ -196,7 +196,7 @@ def test_unknown_fusion_is_refused_at_construction():
         mie.methods.create_method("joint", fusion="gated")
     with pytest.raises(MieInputError, match="feature_fusion must be one of 'late', 'concat', 'sum'"):
         Joint(feature_fusion="gated")
-    with pytest.raises(MieInputError, match="fusion must be one of 'average', 'weight', 'log', 'fitted', got 'bogus'"):
+    with pytest.raises(MieInputError, match="fusion must be one of 'average', 'weight', 'log', 'fitted', 'model', got 'bogus'"):
         mie.methods.create_method("mie", fusion="bogus")
 
 
