@@ -18,7 +18,6 @@ from mie.compare import mean_std, paired_differences
 from mie.io import write_text
 
 
-
 def read_task(folder):
     """(rows of final/results.csv, best parameters {method: {key: value}}) of one task's tuning."""
     with open(folder / "final" / "results.csv", newline="") as f:
@@ -46,8 +45,9 @@ def task_lines(task, rows, methods, recipe, command=None, reference="joint"):
     """The task's table row per method and the recipe's verdicts (fused ≥ each other method; weakest
     modality above joint's)."""
     mods = modalities(rows)
-    lines = [f"### {task}", ""] + ([command, ""] if command else []) + ["| method | n | test acc | " + " | ".join(f"acc {m}" for m in mods) + " | val acc |",
-             "|---|---|---|" + "---|" * len(mods) + "---|"]
+    lines = [f"### {task}", ""] + ([command, ""] if command else [])
+    lines += ["| method | n | test acc | " + " | ".join(f"acc {m}" for m in mods) + " | val acc |",
+              "|---|---|---|" + "---|" * len(mods) + "---|"]
     for method in methods:
         n = sum(r["method"] == method for r in rows)
         cells = [f"{a:.4f} ± {s:.4f}" for a, s in (mean_of(rows, method, f"test_acc_{m}") for m in mods)]

@@ -355,8 +355,8 @@ def cmd_tune(args):
         entries.append(("all", key.strip(), spec.strip()))
     summary = tune(_config(args), methods, args.trials, args.out, storage=args.storage, workers=args.workers,
                    join=args.join, budget=args.budget, pruner=args.pruner, seeds=_ints(args.seeds, "--seeds"),
-                   trial_seeds=_ints(args.trial_seeds, "--trial-seeds"), space_entries=entries, fixed_keys=fixed, method_overrides=method_overrides,
-                   sampler_seed=args.sampler_seed, heartbeat=args.heartbeat, command=shlex.join(["mie", *args.argv]))
+                   trial_seeds=_ints(args.trial_seeds, "--trial-seeds"), space_entries=entries, fixed_keys=fixed,
+                   method_overrides=method_overrides, sampler_seed=args.sampler_seed, heartbeat=args.heartbeat, command=shlex.join(["mie", *args.argv]))
     if summary is not None:
         print((Path(args.out) / "tune.md").read_text())
         _plot_after(Path(args.out) / "final")

@@ -247,7 +247,6 @@ class MIE(Method):
                                 f"modality: {order}")
         self.lengths = [lengths[m] if isinstance(lengths, dict) else lengths for m in order]
         self.plan = stage_plan(order, self.lengths, ctx.epochs_per_modality)
-        self.iterations = ctx.epochs_per_modality
         into = list(order if self.gm_into is None else self.gm_into)
         if not into or not set(into) <= set(order) or len(set(into)) != len(into):
             raise MieInputError(f"method.gm_into {into} must list some of the modalities {order}, each once")
@@ -269,7 +268,6 @@ class MIE(Method):
         self.diagnosis = GMDiagnostics(self.tau) if self.gm and self.diagnostics else None
 
     def num_epochs(self, epochs_per_modality):
-        self.iterations = epochs_per_modality
         if self.alternation == "iteration":
             return epochs_per_modality
         self.plan = stage_plan(self.cycle, self.lengths, epochs_per_modality)
@@ -406,7 +404,7 @@ class MIE(Method):
         if self.alternation == "iteration":
             logs = self._gm_logs(self.cycle[0], list(self.gm_hooks.values()))
             self._diagnose_steps(epoch, self.cycle)
-            due = epoch % self.gm_refresh == 0 and (epoch + 1 < self.iterations or self.diagnosis)   # every r-th
+            due = epoch % self.gm_refresh == 0 and (epoch + 1 < self.ctx.epochs_per_modality or self.diagnosis)   # every r-th
             if self.gm and self._read_by_targets(self.cycle) and due:
                 self.recompute(self._read_by_targets(self.cycle), epoch)
             return logs

@@ -9,6 +9,11 @@ development suite (configs/suite; the evidence is in docs/recipe.md and docs/fus
 
 Everything else is the paper's MIE (SAM, GM, stages, the budget); ``mie`` stays the paper's method.
 Both settings remain parameters, so ``mie tune`` searches λ with τ, ρ and the learning rate.
+
+Both variants here are ours: no authors' code exists to transcribe. Their objectives are tested
+against autograd on hand-built copies (tests/test_mie_method.py, ``ensemble_weight``;
+tests/test_ensemble_heads.py); the paper's parts they keep (SAM, GM, the stages) have their parity
+tests against the released MIE code in tests/test_mie_parity.py.
 """
 from ..models import LATE_FUSIONS
 from .base import fusion_param
