@@ -11,6 +11,9 @@ difference into 1e-2 within 3 epochs. Both are read when torch starts, so this s
 process of its own.
 
     python scripts/golden_histories.py [--out tests/golden/histories.json] [--methods a,b (update only these)]
+
+Where a method still rounds differently on another CPU, ``--methods NAME --out
+tests/golden/other_cpus/CPU.json`` keeps that CPU's values beside the recording (see the test).
 """
 import argparse
 import json

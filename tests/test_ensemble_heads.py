@@ -114,6 +114,12 @@ def test_a_run_s_checkpoint_gives_back_its_test_metrics_and_robustness(tmp_path)
     assert again["accuracy"] == pytest.approx(result["test"]["accuracy"], abs=1e-12)
     assert again["per_modality"]["b"]["accuracy"] == pytest.approx(result["test"]["per_modality"]["b"]["accuracy"],
                                                                    abs=1e-12)
+    # validation reused the untrained modalities' cached (h_m, g_m) outputs; a fresh pass of the checkpoint agrees
+    val = evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", split="val")
+    for key in ("accuracy", "loss"):
+        assert val[key] == pytest.approx(result["val"][key], abs=1e-6)
+    for m in result["val"]["per_modality"]:
+        assert val["per_modality"][m]["loss"] == pytest.approx(result["val"]["per_modality"][m]["loss"], abs=1e-6)
     rows, _, _ = evaluate_robustness(tmp_path / "run" / "checkpoints" / "best.pt", drops=[("a",)])
     dropped = [r for r in rows if r["kind"] == "drop"]
     assert len(dropped) == 1 and 0 <= dropped[0]["told_accuracy"] <= 1      # fused over b alone: g_b

@@ -16,7 +16,15 @@ batches as the released code does (``gm_batches``), re-recorded for mie, mie_gm_
 mie_recipe; the speed work before it (cheaper covariance hooks, ``gm_refresh``) changed no value.
 All were re-recorded once more when the recording pinned its numerics to CPU-independent kernels
 (``MKL_CBWR=COMPATIBLE``, ``ATEN_CPU_CAPABILITY=default``); before that, the values held only on CPUs
-with the recording machine's vector units. ``mie_recipe_heads`` was recorded as implemented."""
+with the recording machine's vector units. ``mie_recipe_heads`` was recorded as implemented.
+
+Four methods still round differently on another x86-64 CPU under the pinned kernels: MKL's LAPACK
+eigenvalues (MLA's spectrum ratio) and the ratios of small loss differences (OGR-GB's weights, PMR's
+prototype terms) move by 1e-6–1e-5, and OGR-GB and PMR turn that into different choices within 3
+epochs. Their histories as an Intel Xeon (Sapphire Rapids) computes them are kept in
+tests/golden/other_cpus/ (``scripts/golden_histories.py --methods mla,ogr_gb,pmr,pmr_per --out
+tests/golden/other_cpus/NAME.json``); a history passes when it matches the recording or one of
+these, to 1e-6."""
 import json
 import math
 import platform
@@ -28,6 +36,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "histories.json").read_text())
+OTHER_CPUS = [json.loads(p.read_text()) for p in sorted((ROOT / "tests" / "golden" / "other_cpus").glob("*.json"))]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +73,8 @@ def _differences(expected, got, where=""):
 def test_method_reproduces_its_recorded_history(name, recomputed):
     got = recomputed[name]
     differences = _differences(GOLDEN[name], got, name)
+    if differences and any(not _differences(other[name], got, name) for other in OTHER_CPUS if name in other):
+        return
     assert not differences, "\n".join(differences[:20])
 
 

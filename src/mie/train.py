@@ -305,31 +305,39 @@ class Run:
 
     @torch.no_grad()
     def cached_val_logits(self):
-        """{m: [modality m's logits of each validation batch]} and [labels of each batch], kept per
-        modality and recomputed only when that modality was trained since."""
+        """({m: [modality m's ``method.modality_logits`` (own, share) of each validation batch]}, [labels of
+        each batch]), kept per modality and recomputed only when that modality was trained since."""
         with eval_mode(self.model):
             for m in self.modalities:
                 version = self.state["modality_epochs"][m]
                 if self._val_logits.get(m, (None,))[0] != version:
-                    logits, labels = [], []
+                    outputs, labels = [], []
                     for batch in self.eval_loaders["val"]:
                         xs, y = to_device(batch, self.device, [m])
-                        logits.append(self.model.forward_modality(m, xs[m]))
+                        outputs.append(self.method.modality_logits(m, xs[m]))
                         labels.append(y)
-                    self._val_logits[m] = (version, logits, labels)
+                    self._val_logits[m] = (version, outputs, labels)
         return {m: self._val_logits[m][1] for m in self.modalities}, self._val_logits[self.modalities[0]][2]
 
     def val_predict(self):
-        """A ``predict`` over the validation loader's batches, in order, from ``cached_val_logits``."""
+        """A ``predict`` over the validation loader's batches, in order, from ``cached_val_logits``: the fused
+        logits are the sum of the modalities' shares when they have them."""
         batches = iter(zip(*self.cached_val_logits()[0].values()))
-        return lambda xs: self.method.predict_from_logits(dict(zip(self.modalities, next(batches))), None)
+
+        def predict(xs):
+            outputs = next(batches)
+            shares = [share for _, share in outputs]
+            fused = None if shares[0] is None else sum(shares)
+            return self.method.predict_from_logits({m: own for m, (own, _) in zip(self.modalities, outputs)}, fused)
+        return predict
 
     @torch.no_grad()
     def val_logits(self):
         """({m: modality m's logits (N, K)}, labels (N,)) over the whole validation split, in order: from
         ``cached_val_logits`` under ``separate_modalities``, else from one pass of ``method.logits``."""
         if self.method.separate_modalities:
-            per, labels = self.cached_val_logits()
+            outputs, labels = self.cached_val_logits()
+            per = {m: [own for own, _ in batches] for m, batches in outputs.items()}
         else:
             per, labels = {m: [] for m in self.modalities}, []
             with eval_mode(self.model):

@@ -101,8 +101,8 @@ class Method:
     name = "base"
     params = {"fusion": fusion_param()}
     stops_early = False     # True when the method may end a modality's training before the budget (MSES)
-    # True when ``logits(xs)`` is ({m: model.forward_modality(m, x_m)}, None): modality m's logits depend on
-    # m's parameters alone, so the loop reuses a modality's validation logits while it is not trained (MIE)
+    # True when ``logits(xs)`` is made of ``modality_logits(m, x_m)`` alone, each depending on m's parameters
+    # alone, so the loop reuses a modality's validation outputs while it is not trained (MIE)
     separate_modalities = False
 
     def __init__(self, **values):
@@ -210,6 +210,11 @@ class Method:
     def logits(self, xs):
         """({m: modality m's own logits (B, K)}, the method's fused logits (B, K) or None)."""
         return self.model(xs), None
+
+    def modality_logits(self, m, x):
+        """(modality m's own logits (B, K), its additive share of the fused logits (B, K) or None): under
+        ``separate_modalities``, ``logits(xs)`` is ({m: own_m}, Σ_m share_m, or None when shares are None)."""
+        return self.model.forward_modality(m, x), None
 
     def fuse_logits(self, per_logits):
         """The method's fused logits (B, K) as a function of per-modality logits {m: (B, K)} of any

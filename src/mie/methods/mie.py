@@ -228,11 +228,7 @@ class MIE(Method):
     def build_model(self, spec):
         return EnsembleHeadsModel.build(spec) if self.ensemble_heads else super().build_model(spec)
 
-    @property
-    def separate_modalities(self):
-        """Validation reuses each untrained modality's logits, unless the fused prediction comes from the
-        ensemble heads (``logits`` then computes every modality's both heads)."""
-        return not self.ensemble_heads
+    separate_modalities = True
 
     def setup(self, model, ctx):
         super().setup(model, ctx)
@@ -386,11 +382,15 @@ class MIE(Method):
         self.gm_hooks[j].matrices = matrices
 
     # ---- inference ------------------------------------------------------------------------
+    def modality_logits(self, m, x):
+        """(h_m logits, None), or with ``ensemble_heads`` (h_m logits, g_m logits): both heads from one pass."""
+        return self.model.both_heads(m, x) if self.ensemble_heads else super().modality_logits(m, x)
+
     def logits(self, xs):
         """({m: h_m logits}, None), or with ``ensemble_heads`` ({m: h_m logits}, Σ_m g_m logits)."""
         if not self.ensemble_heads:
             return super().logits(xs)
-        both = {m: self.model.both_heads(m, xs[m]) for m in self.model.modalities}
+        both = {m: self.modality_logits(m, xs[m]) for m in self.model.modalities}
         return {m: own for m, (own, _) in both.items()}, sum(share for _, share in both.values())
 
     @torch.no_grad()
