@@ -1,6 +1,7 @@
 """The seam between a method and the loop, driven by a small method written here: the step's
 position, the loop's validation metrics, cached evaluations, declared learning-rate scales, an
-epoch's own training set with per-sample extras, and parameter checks at creation."""
+epoch's own training set with per-sample extras, and parameter checks at creation; and how the
+loop's validation chooses the checkpoint."""
 import math
 
 import pytest
@@ -144,3 +145,18 @@ def test_train_batches_in_data_order_or_in_a_keyed_permutation():
         assert len(torch.unique(shuffled, dim=0)) == len(shuffled)
         assert all((ordered == row).all(dim=1).any() for row in shuffled)
     assert torch.equal(run.generator.get_state(), generator) and torch.equal(torch.get_rng_state(), global_rng)
+
+
+def test_ties_in_the_validation_score_go_to_the_lower_validation_loss(monkeypatch):
+    script = iter([(0.5, 2.0), (1.0, 1.0), (1.0, 0.5), (1.0, 0.7)])       # (accuracy, loss) of epochs 1-4
+    evaluate = mie.train.evaluate
+
+    def scripted(*args, **kwargs):
+        metrics = evaluate(*args, **kwargs)
+        acc, loss = next(script, (None, None))                            # then the test pass, as it is
+        return metrics if acc is None else {**metrics, "accuracy": acc, "loss": loss}
+    monkeypatch.setattr(mie.train, "evaluate", scripted)
+    x, y = make_arrays(n=100)
+    config = {**CONFIG, "train": {**CONFIG["train"], "epochs": 4}}
+    result = mie.fit(mie.MultimodalArrays(x, y), "joint", config=config, seed=0, progress=False)
+    assert result["best_epoch"] == 3 and result["val"]["loss"] == 0.5

@@ -52,6 +52,7 @@ DEFAULTS = {
         "threads": None,        # CPU threads for torch (None: torch's default); 1 is fastest for small
                                 # models and on a machine shared with other jobs
         "select_on": "accuracy",   # validation metric that chooses the checkpoint: accuracy | macro_f1 | map
+                                   # (ties: the lower validation loss)
     },
     "method": {"name": "mie"},
 }
