@@ -70,6 +70,7 @@ def test_spaces_of_the_registry():
     assert "mu" not in spaces("pmr") and "mu" in spaces("pmr_per")
     assert spaces("smv") == {} and set(spaces("smv_modality")) == {"alpha"}
     assert spaces("mie")["tau"] == METHODS["mie"][0].params["tau"].space
+    assert set(spaces("mie_recipe")) == set(spaces("mie_recipe_heads")) == {"tau", "rho", "ensemble_weight"}
 
 
 @pytest.mark.parametrize("name", list(METHODS))
