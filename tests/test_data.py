@@ -158,3 +158,25 @@ def test_array_batches_are_fetched_in_one_indexing_and_equal_the_default_collati
     idx = [7, 2, 2, 9]
     fast, slow = collate(ds.__getitems__(idx)), default_collate([ds[i] for i in idx])
     assert all(torch.equal(fast[0][m], slow[0][m]) for m in ("a", "b")) and torch.equal(fast[1], slow[1])
+
+
+def test_an_indexed_set_carries_each_sample_s_index_with_or_without_a_batched_base():
+    import torch
+    from torch.utils.data import Dataset, default_collate
+    from mie.data import ArrayDataset
+    from mie.data.torch_dataset import Indexed, collate
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset({"a": rng.normal(size=(10, 3)).astype(np.float32)}, np.arange(10) % 3)
+
+    class OneByOne(Dataset):                  # a base without __getitems__ (e.g. a benchmark read from disk)
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i]
+    idx = [7, 2, 9]
+    for base in (ds, OneByOne()):
+        xs, y, extras = collate(Indexed(base).__getitems__(idx))
+        assert torch.equal(xs["a"], default_collate([ds[i] for i in idx])[0]["a"])
+        assert torch.equal(y, torch.as_tensor([7 % 3, 2 % 3, 9 % 3])) and extras["index"].tolist() == idx
+    assert Indexed(ds)[4][2]["index"].item() == 4 and len(Indexed(ds)) == 10

@@ -123,3 +123,23 @@ def test_a_run_s_checkpoint_gives_back_its_test_metrics_and_robustness(tmp_path)
     rows, _, _ = evaluate_robustness(tmp_path / "run" / "checkpoints" / "best.pt", drops=[("a",)])
     dropped = [r for r in rows if r["kind"] == "drop"]
     assert len(dropped) == 1 and 0 <= dropped[0]["told_accuracy"] <= 1      # fused over b alone: g_b
+
+
+@pytest.mark.parametrize("name", ["mie_recipe", "mie_recipe_heads"])
+def test_the_stages_keep_the_other_modalities_shares_and_train_exactly_as_if_computed_per_step(name, monkeypatch):
+    """The untrained modalities' shares of the ensemble term come from one pass over the training set after
+    each stage, looked up by sample index; the run is the one that computes them at every step."""
+    x, y = make_arrays(n=150, shapes={"a": (6,), "b": (5,), "c": (4,)})
+    cfg = mie.config.build_config(None, ["train.epochs=2", "train.batch_size=32", "model.dim=8",
+                                         "model.head_hidden=[8]", "train.threads=1"], method={"name": name})
+    passes, kept, per_step = [], [], []
+    keep = MIE._training_shares
+    monkeypatch.setattr(MIE, "_training_shares", lambda self, k: passes.append(k) or keep(self, k))
+    mie.fit(mie.MultimodalArrays(x, y), config=cfg, progress=False, callbacks=[lambda e, row: kept.append(row)])
+    assert passes == ["b", "c", "a", "b", "c", "a", "b"]       # after each stage, the modality it trained
+    monkeypatch.setattr(MIE, "_keeps_shares", property(lambda self: False))
+    mie.fit(mie.MultimodalArrays(x, y), config=cfg, progress=False, callbacks=[lambda e, row: per_step.append(row)])
+    assert len(passes) == 7 and len(kept) == len(per_step) == 6
+    for a, b in zip(kept, per_step):
+        for key in [k for k in a if k.startswith(("loss", "val_acc", "val_loss"))]:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key

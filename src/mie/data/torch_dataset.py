@@ -34,3 +34,26 @@ class ArrayDataset(Dataset):
         """The items at ``indices`` collated: ({m: (B, ...)}, (B,)), equal to default_collate of them."""
         index = torch.as_tensor(indices, dtype=torch.long)
         return Batched(({m: a[index] for m, a in self.x.items()}, self.y[index]))
+
+
+class Indexed(Dataset):
+    """``base`` whose item i is (inputs, label, {"index": i}): a method that keeps per-sample results
+    looks them up by ``batch.extras["index"]`` (B,)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        xs, y = self.base[i]
+        return xs, y, {"index": torch.tensor(i)}
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if hasattr(self.base, "__getitems__"):
+            xs, y = self.base.__getitems__(indices).batch
+        else:
+            xs, y = default_collate([self.base[i] for i in indices])
+        return Batched((xs, y, {"index": index}))

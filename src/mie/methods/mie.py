@@ -107,6 +107,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diagnostics import GMDiagnostics
+from ..data.torch_dataset import Indexed
 from ..errors import MieInputError
 from ..models import LATE_FUSIONS, EnsembleHeadsModel, eval_mode
 from ..optim import (GM_LAYERS, SAM, GradientModification, InputCovariance, LowRankModification,
@@ -261,6 +262,7 @@ class MIE(Method):
         for m in order:
             self._feed(m)
         self._stats_cache = {}
+        self._shares = {}      # m → (N, K): modality m's share of the ensemble on every training sample
         self.diagnosis = GMDiagnostics(self.tau) if self.gm and self.diagnostics else None
 
     def num_epochs(self, epochs_per_modality):
@@ -298,6 +300,34 @@ class MIE(Method):
     def start_epoch(self, epoch):
         for hook in self.gm_hooks.values():
             hook.changes = []
+        if self._keeps_shares:
+            j = self.stage(epoch)[0]
+            self._shares.pop(j, None)                  # θ_j changes in this stage
+            for k in self.cycle:
+                if k != j and k not in self._shares:
+                    self._shares[k] = self._training_shares(k)
+
+    # ---- the other modalities' shares of the ensemble --------------------------------------
+    @property
+    def _keeps_shares(self):
+        """Whether the stages keep each untrained modality's share of the ensemble term on the whole training
+        set (``ensemble_weight`` > 0, stage alternation): one pass over the data after each stage instead of
+        a forward of every other modality at every step."""
+        return bool(self.ensemble_weight) and self.objective == "paper" and self.alternation == "stage"
+
+    def training_data(self, epoch, dataset):
+        return Indexed(dataset) if self._keeps_shares else dataset
+
+    @torch.no_grad()
+    def _share(self, k, x):
+        """Modality k's share of the ensemble term (B, K): g_k with ``ensemble_heads``, else its logits z_k."""
+        return self.model.ensemble_modality(k, x) if self.ensemble_heads else self.model.forward_modality(k, x)
+
+    @torch.no_grad()
+    def _training_shares(self, k):
+        """Modality k's share (N, K) on every training sample, in the data's order, in eval mode."""
+        with eval_mode(self.model.modality_modules(k)):
+            return torch.cat([self._share(k, xs[k]) for xs, _ in self.ctx.train_batches()])
 
     # ---- one step -----------------------------------------------------------------------
     def training_step(self, batch, step):
@@ -305,13 +335,13 @@ class MIE(Method):
         if self.alternation == "iteration":
             return {f"loss_{j}": self._step(j, xs, y) for j in self.cycle}
         j = self.stage(step.epoch)[0]
-        return {f"loss_{j}": self._step(j, xs, y)}
+        return {f"loss_{j}": self._step(j, xs, y, getattr(batch, "extras", {}).get("index"))}
 
-    def _step(self, j, xs, y):
+    def _step(self, j, xs, y, index=None):
         """One update of θ_j on the batch (xs, y): SAM's two passes (one pass between SAM steps when
         ``sam_every`` > 1), GM (the optimizer's pre-hook), the step. Returns the pass-1 loss."""
         opt = self.optimizers[j]
-        objective = self._objective(j, xs, y)
+        objective = self._objective(j, xs, y, index)
 
         def closure():
             loss = objective(j)
@@ -326,23 +356,23 @@ class MIE(Method):
         return loss.detach()
 
     @torch.no_grad()
-    def _other_logits(self, j, xs):
-        """Σ_{k≠j} z_k (B, K) of the modalities not trained in this step (their ensemble heads' g_k with
-        ``ensemble_heads``), in eval mode, without gradient."""
+    def _other_logits(self, j, xs, index=None):
+        """Σ_{k≠j} of the other modalities' shares (B, K) (their ensemble heads' g_k with ``ensemble_heads``), in
+        eval mode, without gradient: looked up by the batch's sample ``index`` (B,) when the stages keep them."""
         others = [k for k in self.cycle if k != j]
+        if index is not None and self._keeps_shares:
+            return sum(self._shares[k][index] for k in others)
         with eval_mode(*(self.model.modality_modules(k) for k in others)):
-            if self.ensemble_heads:
-                return sum(self.model.ensemble_modality(k, xs[k]) for k in others)
-            return sum(self.model.forward_modality(k, xs[k]) for k in others)
+            return sum(self._share(k, xs[k]) for k in others)
 
-    def _objective(self, j, xs, y):
+    def _objective(self, j, xs, y, index=None):
         """j → the loss of θ_j on this mini-batch; the same mixup draw (and the same others' logits of
         ``ensemble_weight``) serves both SAM passes."""
         x = xs[j]
         if self.objective == "paper":
             if not self.ensemble_weight:
                 return lambda j: F.cross_entropy(self.model.forward_modality(j, x), y)
-            lam, others = self.ensemble_weight, self._other_logits(j, xs)
+            lam, others = self.ensemble_weight, self._other_logits(j, xs, index)
             if self.ensemble_heads:
                 def two_heads_loss(j):
                     own, share = self.model.both_heads(j, x)
