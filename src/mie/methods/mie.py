@@ -312,7 +312,8 @@ class MIE(Method):
     def _keeps_shares(self):
         """Whether the stages keep each untrained modality's share of the ensemble term on the whole training
         set (``ensemble_weight`` > 0, stage alternation): one pass over the data after each stage instead of
-        a forward of every other modality at every step."""
+        a forward of every other modality at every step. Where the training set draws random windows or crops
+        (NVGesture), the kept share is that of one draw, not of the draw the step sees."""
         return bool(self.ensemble_weight) and self.objective == "paper" and self.alternation == "stage"
 
     def training_data(self, epoch, dataset):
