@@ -291,8 +291,8 @@ def machine_line():
 def protocol_line(cfg, seeds):
     return (f"Seeds {', '.join(map(str, seeds))} (n = {len(seeds)} per method); {cfg['train']['epochs']} epochs of "
             "updates per modality for every method († stops a modality early by design); checkpoint chosen on "
-            f"validation {cfg['train']['select_on']} (ties: the lower validation loss), test read once. Columns `acc <modality>`: that modality's own "
-            "prediction alone (test).")
+            f"validation {cfg['train']['select_on']} (ties: the lower validation loss), test read once. Columns "
+            "`acc <modality>`: that modality's own prediction alone (test).")
 
 
 def results_markdown(rows, cfg, methods, seeds, command=None, reference=None):

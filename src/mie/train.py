@@ -262,8 +262,8 @@ class Run:
                            t["epochs"])
         self.method.setup(self.model, ctx)
         self.num_epochs = self.method.num_epochs(t["epochs"])
-        self.state = {"epoch": 0, "steps": 0, "best_score": -math.inf, "best_loss": math.inf, "best_epoch": -1,
-                      "history": [], "seconds": 0.0, "best_val": None, "optimizer_steps": 0,
+        self.state = {"epoch": 0, "steps": 0, "best_score": -math.inf, "best_epoch": -1, "history": [],
+                      "seconds": 0.0, "best_val": None, "optimizer_steps": 0,
                       "modality_epochs": {m: 0 for m in self.modalities}, "timing": new_timing()}
         self.notices = [f"{self.method.name}: {n}" for n in self.method.notices()]
         if workers < t["num_workers"]:
@@ -365,7 +365,7 @@ class Run:
         lower validation loss: on a small validation split accuracy saturates early (every epoch after
         one may score 1.0), and the first epoch to reach it is not the best trained."""
         best = self.state["best_score"]
-        return score > best or (score == best and loss < self.state["best_loss"])
+        return score > best or (score == best and loss < self.state["best_val"]["loss"])
 
     def model_changed(self):
         self.model_version += 1
@@ -466,7 +466,7 @@ class Run:
         row.update({f"val_loss_{m}": v["loss"] for m, v in val["per_modality"].items()})
         score = val[self.train_cfg["select_on"]]
         if self.improves(score, val["loss"]):
-            self.state.update(best_score=score, best_loss=val["loss"], best_epoch=epoch + 1, best_val=val)
+            self.state.update(best_score=score, best_epoch=epoch + 1, best_val=val)
             self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             if self.out is not None and self.main:
                 save_torch(self.out / "checkpoints" / "best.pt", self.checkpoint(self.best_model, epoch + 1))

@@ -314,12 +314,11 @@ class MIE(Method):
         set (``ensemble_weight`` > 0, stage alternation): one pass over the data after each stage instead of
         a forward of every other modality at every step. Where the training set draws random windows or crops
         (NVGesture), the kept share is that of one draw, not of the draw the step sees."""
-        return bool(self.ensemble_weight) and self.objective == "paper" and self.alternation == "stage"
+        return bool(self.ensemble_weight) and self.alternation == "stage"     # (the paper's objective: checked)
 
     def training_data(self, epoch, dataset):
         return Indexed(dataset) if self._keeps_shares else dataset
 
-    @torch.no_grad()
     def _share(self, k, x):
         """Modality k's share of the ensemble term (B, K): g_k with ``ensemble_heads``, else its logits z_k."""
         return self.model.ensemble_modality(k, x) if self.ensemble_heads else self.model.forward_modality(k, x)
