@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import mie
+import mie.distributed
 import mie.train
 from conftest import make_arrays
 
@@ -43,7 +44,7 @@ def _worker(rank, world, port, out, method):
     x, y = make_arrays(n=120)
     result = mie.fit(mie.MultimodalArrays(x, y), method, config=CONFIG, out_dir=out / "run", seed=0, progress=False)
     (out / f"rank{rank}.json").write_text(json.dumps({"result": result, **seen}))
-    torch.distributed.destroy_process_group()
+    mie.distributed.stop()
 
 
 @pytest.mark.parametrize("method", ["joint", "mie"])
@@ -70,7 +71,7 @@ def _covariance_worker(rank, world, port, out):
             layer(batch)
     cov.all_reduce()
     torch.save(cov.covariances[0], out / f"cov{rank}.pt")
-    torch.distributed.destroy_process_group()
+    mie.distributed.stop()
 
 
 def test_covariances_sum_over_shards(tmp_path):

@@ -41,8 +41,11 @@ def start(device):
 
 
 def stop():
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one: all ranks first meet at a barrier, so that
+    none tears its connections down while another still has gloo work in flight (which can abort
+    the other process)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
