@@ -84,7 +84,12 @@ in plain steps too. ``mie.optim.SAM`` documents both. ``gm_refresh`` = r recompu
 j's 1st, (r+1)-th, (2r+1)-th … stage and keeps the last T^(j) in between (after every r-th epoch
 under ``alternation="iteration"``), cutting the covariance passes to 1/r (ours: the amortisation
 that K-FAC, Martens & Grosse, ICML 2015, applies to its curvature inverses, recomputed only every
-T₃ iterations). ``gm_lowrank`` applies T^(k) as I + U diag(σ − 1) Uᵀ from the n eigenpairs of Ȳ
+T₃ iterations). ``gm_statistics="steps"`` takes Ȳ^(j) from the batch means z̄_t of the GM layers'
+inputs in the first, unperturbed pass of every training step of the stage's last epoch instead of
+an eval pass after the stage: no extra pass, at the price of features from weights that move during
+the epoch, in train mode (dropout, BatchNorm batch statistics), over the loader's batches (ours, as
+K-FAC estimates its statistics from the training mini-batches' own forward passes, Martens & Grosse,
+ICML 2015, §5). ``gm_lowrank`` applies T^(k) as I + U diag(σ − 1) Uᵀ from the n eigenpairs of Ȳ
 when it has fewer batch means n than dimensions d (``mie.optim.LowRankModification``): the same T,
 2·out·d·n multiply-adds per layer and step instead of out·d², results equal up to float rounding.
 
@@ -101,7 +106,7 @@ recomputation of T, and per epoch the mean cosine between each step's gradient b
 (``mie.diagnostics``); ``stage_checkpoints=True`` keeps the model at each stage end as
 ``checkpoints/epoch_<n>.pt`` (each epoch under ``alternation="iteration"``).
 """
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +194,9 @@ class MIE(Method):
         "gm_batches": Param("shuffled", one_of("shuffled", "data"),
                             "batches of the covariance pass: shuffled, the last incomplete one dropped (the released "
                             "code's training loader), or the data's order"),
+        "gm_statistics": Param("pass", one_of("pass", "steps"),
+                               "Ȳ from an eval pass over the training data after the stage (the paper), or from "
+                               "the batch means the stage's last epoch's training steps see (no extra pass)"),
         "gm_lowrank": Param(False, boolean, "apply T as I + U diag(σ − 1) Uᵀ from Ȳ's n < d eigenpairs: "
                                             "2·out·d·n per step instead of out·d², equal up to float rounding"),
         "gm_scope": Param(0.0, number(at_least=0, at_most=1), "share of parameters GM reaches (0: the head)"),
@@ -220,8 +228,9 @@ class MIE(Method):
     @classmethod
     def unused_params(cls, fixed):
         return ({"rho", "adaptive", "sam_every", "sam_reuse"} if fixed.get("sam") is False else set()) | \
-               ({"tau", "gm_scope", "gm_into", "gm_refresh", "gm_batches", "gm_lowrank", "diagnostics"}
-                if fixed.get("gm") is False else set()) | \
+               ({"tau", "gm_scope", "gm_into", "gm_refresh", "gm_batches", "gm_statistics", "gm_lowrank",
+                 "diagnostics"} if fixed.get("gm") is False else set()) | \
+               ({"gm_batches"} if fixed.get("gm_statistics") == "steps" else set()) | \
                ({"mixup_alpha", "flat_weight", "objective"} if fixed.get("objective") != "released"
                 else {"ensemble_weight", "ensemble_heads"})
 
@@ -262,6 +271,7 @@ class MIE(Method):
         for m in order:
             self._feed(m)
         self._stats_cache = {}
+        self._collectors = {}  # m → InputCovariance over the training steps of m (gm_statistics="steps")
         self._shares = {}      # m → (N, K): modality m's share of the ensemble on every training sample
         self.diagnosis = GMDiagnostics(self.tau) if self.gm and self.diagnostics else None
 
@@ -300,6 +310,8 @@ class MIE(Method):
     def start_epoch(self, epoch):
         for hook in self.gm_hooks.values():
             hook.changes = []
+        if self.gm_statistics == "steps":
+            self._collectors = {m: InputCovariance(self.layers[m]) for m in self._recomputed_after(epoch)}
         if self._keeps_shares:
             j = self.stage(epoch)[0]
             self._shares.pop(j, None)                  # θ_j changes in this stage
@@ -342,9 +354,13 @@ class MIE(Method):
         ``sam_every`` > 1), GM (the optimizer's pre-hook), the step. Returns the pass-1 loss."""
         opt = self.optimizers[j]
         objective = self._objective(j, xs, y, index)
+        collector = self._collectors.get(j)        # records the first pass only: θ_j unperturbed
 
         def closure():
-            loss = objective(j)
+            nonlocal collector
+            with collector or nullcontext():
+                loss = objective(j)
+            collector = None
             loss.backward()
             return loss
         if self.sam:
@@ -431,19 +447,33 @@ class MIE(Method):
 
     # ---- between stages ----------------------------------------------------------------
     def end_epoch(self, epoch):
-        if self.alternation == "iteration":
-            logs = self._gm_logs(self.cycle[0], list(self.gm_hooks.values()))
-            self._diagnose_steps(epoch, self.cycle)
-            due = epoch % self.gm_refresh == 0 and (epoch + 1 < self.ctx.epochs_per_modality or self.diagnosis)   # every r-th
-            if self.gm and self._read_by_targets(self.cycle) and due:
-                self.recompute(self._read_by_targets(self.cycle), epoch)
-            return logs
-        j, k, last = self.stage(epoch)
-        logs = {"active": j, **self._gm_logs(j, [self.gm_hooks[j]] if self.gm else [])}
-        self._diagnose_steps(epoch, [j])
-        if last and self.gm and self._read_by_targets([j]) and self._refresh_due(j, epoch) and self._read_later(j, epoch):
-            self.recompute([j], epoch)
+        trained = self.trained_modalities(epoch)
+        j = trained[0]
+        logs = self._gm_logs(j, [self.gm_hooks[m] for m in trained] if self.gm else [])
+        if self.alternation == "stage":
+            logs = {"active": j, **logs}
+        self._diagnose_steps(epoch, trained)
+        recomputed = self._recomputed_after(epoch)
+        if recomputed and self.gm_statistics == "steps":
+            collectors, self._collectors = self._collectors, {}
+            for c in collectors.values():
+                c.all_reduce()             # each rank saw its own shard
+            self._use_statistics(collectors, epoch)
+        elif recomputed:
+            self.recompute(recomputed, epoch)
         return logs
+
+    def _recomputed_after(self, epoch):
+        """The modalities whose T is recomputed at the end of loop epoch ``epoch``: those trained in it
+        whose T a later stage reads (or the diagnostics record), at a stage's end, every r-th time."""
+        if not self.gm:
+            return []
+        if self.alternation == "iteration":
+            due = epoch % self.gm_refresh == 0 and (epoch + 1 < self.ctx.epochs_per_modality or self.diagnosis)
+            return self._read_by_targets(self.cycle) if due else []
+        j, _, last = self.stage(epoch)
+        due = last and self._refresh_due(j, epoch) and self._read_later(j, epoch)
+        return self._read_by_targets([j]) if due else []
 
     def _read_later(self, j, epoch):
         """Whether a stage after loop epoch ``epoch`` reads T^(j) (its successor's), or the diagnostics
@@ -500,13 +530,17 @@ class MIE(Method):
             for xs, _ in self.ctx.train_batches(shuffle=order):
                 for m in modalities:
                     self.model.forward_modality(m, xs[m])
+        self._use_statistics(collectors, epoch)
+
+    def _use_statistics(self, collectors, epoch=None):
+        """T^(m) from each collector {m: InputCovariance}, handed to the GM hooks that read it."""
         names = {id(mod): name for name, mod in self.model.named_modules()}
-        for m, c in collectors.items():   # every rank passed over all the data: nothing to reduce
+        for m, c in collectors.items():
             self.means[m] = [c.factor(i) for i in range(len(self.layers[m]))]
             self.T[m] = c.flat_matrices(self.tau)
             if self.diagnosis is not None and epoch is not None:
                 self.diagnosis.add_spectra(epoch + 1, m, [names[id(l)] for l in self.layers[m]], self.means[m])
-        self._feed_successors(modalities)
+        self._feed_successors(list(collectors))
 
     def use_matrices(self, T):
         """Set T^(m) = ``T[m]`` (one float64 matrix per GM layer of m) for every m in ``T`` and give
