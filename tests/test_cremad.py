@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mie.data.cremad import EMOTIONS, actor_disjoint_split, parse_clip, prepare_cremad
 from mie.data.video import read_frames
@@ -175,3 +176,21 @@ def test_compare_reads_the_benchmark_from_disk(tmp_path, capsys):
                  "--seeds", "0", "--out", str(tmp_path / "cmp"), "--epochs", "1", "model.dim=8",
                  "model.head_hidden=[8]", "train.batch_size=4", "train.num_workers=0", "train.lr=0.001"]) == 0
     assert "| joint |" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+def test_a_view_of_one_modality_reads_no_other_file(tmp_path):
+    """``only(["audio"])`` reads the audio files alone: with the video folder gone, it still loads."""
+    from mie.data.cremad import CremadDataset
+    name = "1001_DFA_ANG_XX"
+    for sub, array in (("audio", np.ones((257, 188), np.float32)), ("video", np.zeros((3, 3, 8, 8), np.float32))):
+        (tmp_path / sub).mkdir()
+        np.save(tmp_path / sub / f"{name}.npy", array)
+    both = CremadDataset(tmp_path, [name])
+    xs, label = both[0]
+    assert sorted(xs) == ["audio", "video"]
+    audio = both.only(["audio"])
+    for f in (tmp_path / "video").iterdir():
+        f.unlink()
+    xs_audio, label_audio = audio[0]
+    assert list(xs_audio) == ["audio"] and torch.equal(xs_audio["audio"], xs["audio"]) and label_audio == label
+    assert both.modalities == ("audio", "video")

@@ -180,3 +180,41 @@ def test_an_indexed_set_carries_each_sample_s_index_with_or_without_a_batched_ba
         assert torch.equal(xs["a"], default_collate([ds[i] for i in idx])[0]["a"])
         assert torch.equal(y, torch.as_tensor([7 % 3, 2 % 3, 9 % 3])) and extras["index"].tolist() == idx
     assert Indexed(ds)[4][2]["index"].item() == 4 and len(Indexed(ds)) == 10
+
+
+def test_with_modalities_gives_views_that_read_fewer_inputs():
+    import torch
+    from torch.utils.data import Dataset
+    from mie.data import ArrayDataset
+    from mie.data.torch_dataset import Indexed, collate, with_modalities
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset({"a": rng.normal(size=(10, 3)).astype(np.float32),
+                       "b": rng.normal(size=(10, 2)).astype(np.float32)}, np.arange(10) % 3)
+    view = with_modalities(ds, ["b"])
+    assert list(view[3][0]) == ["b"] and torch.equal(view[3][0]["b"], ds[3][0]["b"])
+    assert view.x["b"] is ds.x["b"] and list(ds.x) == ["a", "b"]           # shared, the original untouched
+    xs, y, extras = collate(with_modalities(Indexed(ds), ["a"]).__getitems__([4, 1]))
+    assert list(xs) == ["a"] and torch.equal(xs["a"], ds.x["a"][[4, 1]]) and extras["index"].tolist() == [4, 1]
+
+    class Plain(Dataset):                    # cannot choose: every modality, as before
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return ds[i]
+    plain = Plain()
+    assert with_modalities(plain, ["a"]) is plain
+
+
+def test_datasets_given_as_a_dict_load_only_the_chosen_modalities():
+    import mie
+    from mie.data import ArrayDataset
+    from mie.data.prepare import prepare_run
+    rng = np.random.default_rng(0)
+    split = lambda n: ArrayDataset({"a": rng.normal(size=(n, 3)).astype(np.float32),
+                                    "b": rng.normal(size=(n, 2)).astype(np.float32)}, np.arange(n) % 3)
+    datasets = {"train": split(12), "val": split(6), "test": split(6)}
+    prepared = prepare_run(mie.config.build_config(None, ["data.modalities=[b]"]), datasets)
+    assert prepared.modalities == ["b"]
+    assert all(list(prepared.datasets[s][0][0]) == ["b"] for s in ("train", "val", "test"))
+    assert list(datasets["train"][0][0]) == ["a", "b"]

@@ -160,3 +160,29 @@ def test_ties_in_the_validation_score_go_to_the_lower_validation_loss(monkeypatc
     config = {**CONFIG, "train": {**CONFIG["train"], "epochs": 4}}
     result = mie.fit(mie.MultimodalArrays(x, y), "joint", config=config, seed=0, progress=False)
     assert result["best_epoch"] == 3 and result["val"]["loss"] == 0.5
+
+
+def test_a_stage_loads_only_the_modality_it_trains_and_trains_as_if_it_loaded_all(monkeypatch):
+    """MIE's ``training_inputs``: each stage's batches hold the trained modality's inputs alone (the view
+    of ``with_modalities``), per-batch alternation all of them; the run is the one that loads everything."""
+    from mie.data import ArrayDataset
+    from mie.methods.mie import MIE
+    seen = []
+    step = MIE.training_step
+    monkeypatch.setattr(MIE, "training_step", lambda self, batch, s: seen.append((s.epoch, tuple(batch.inputs)))
+                        or step(self, batch, s))
+    data = mie.MultimodalArrays(*make_arrays(n=60))
+    def fit(**params):
+        rows = []
+        mie.fit(data, "mie", config=CONFIG, seed=0, progress=False, callbacks=[lambda e, row: rows.append(row)],
+                **params)
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    restricted = fit()
+    assert sorted(set(seen)) == [(0, ("a",)), (1, ("b",)), (2, ("a",)), (3, ("b",)), (4, ("a",)), (5, ("b",))]
+    seen.clear()
+    fit(alternation="iteration")
+    assert {keys for _, keys in seen} == {("a", "b")}
+    monkeypatch.delattr(ArrayDataset, "only")           # a dataset that cannot choose: every input loaded
+    seen.clear()
+    assert fit() == restricted
+    assert {keys for _, keys in seen} == {("a", "b")}

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import config as config_mod
 from . import distributed
 from .data import prepare_run
-from .data.torch_dataset import collate
+from .data.torch_dataset import collate, with_modalities
 from .errors import MieInputError, TrainingDivergedError
 from .io import atomic_path, csv_text, read_torch, save_torch, write_json, write_text
 from .methods import Batch, Step, create_method
@@ -121,10 +121,11 @@ def usable_workers(requested):
 
 
 def to_device(batch, device, modalities):
+    """The ``Batch`` of ``batch``'s inputs of ``modalities`` (those it holds), labels and extras on ``device``."""
     xs, y, *extras = batch
     extras = {k: v.to(device, non_blocking=True) for k, v in extras[0].items()} if extras else {}
-    return Batch({m: xs[m].to(device, non_blocking=True) for m in modalities}, y.to(device, non_blocking=True),
-                 extras)
+    return Batch({m: xs[m].to(device, non_blocking=True) for m in modalities if m in xs},
+                 y.to(device, non_blocking=True), extras)
 
 
 @torch.no_grad()
@@ -415,6 +416,9 @@ class Run:
         factor = schedule_factor(t, method.schedule_epoch(epoch))
         self.optimizers.apply(factor, method)
         data = method.training_data(epoch, self.prepared.datasets["train"])
+        inputs = method.training_inputs(epoch)
+        if inputs is not None and set(inputs) != set(self.modalities):
+            data = with_modalities(data, inputs)        # the same samples and order, fewer files read
         batches = self.train_loader if data is self.prepared.datasets["train"] else self.epoch_loader(data)
         if isinstance(batches.sampler, DistributedSampler):
             batches.sampler.set_epoch(epoch)

@@ -31,6 +31,7 @@ from .audio import cremad_spectrogram, read_wav
 from .disk import DiskBenchmark
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import carve_validation, stratified_split
+from .torch_dataset import SelectedModalities
 from .video import read_frames, spaced_frames
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
@@ -117,11 +118,12 @@ def prepare_cremad(root, out, workers=None, skip_bad=False, progress=None, size=
     return finish(summary, out, skip_bad, "clip")
 
 
-class CremadDataset(Dataset):
+class CremadDataset(SelectedModalities, Dataset):
     """Prepared CREMA-D clips: item i is ({"audio": (1, 257, 188), "video": (3, T, H, W)}, label).
 
     ``frames`` frames are taken evenly from the clip's 1-fps frames (the last one repeated when a
     clip is shorter); pixels are scaled to [0, 1] and normalised with the ImageNet mean and std.
+    Only ``modalities``' files are read.
     """
 
     num_classes = len(EMOTIONS)
@@ -129,15 +131,19 @@ class CremadDataset(Dataset):
 
     def __init__(self, prepared, clips, frames=3):
         self.prepared, self.clips, self.frames = Path(prepared), [parse_clip(c) for c in clips], frames
+        self.modalities = ("audio", "video")
 
     def __len__(self):
         return len(self.clips)
 
     def __getitem__(self, i):
-        clip = self.clips[i]
-        audio = np.load(self.prepared / "audio" / f"{clip.name}.npy")[None]
-        video = spaced_frames(np.load(self.prepared / "video" / f"{clip.name}.npy"), self.frames)
-        return {"audio": torch.from_numpy(audio), "video": torch.from_numpy(video)}, clip.label
+        clip, xs = self.clips[i], {}
+        if "audio" in self.modalities:
+            xs["audio"] = torch.from_numpy(np.load(self.prepared / "audio" / f"{clip.name}.npy")[None])
+        if "video" in self.modalities:
+            xs["video"] = torch.from_numpy(spaced_frames(np.load(self.prepared / "video" / f"{clip.name}.npy"),
+                                                         self.frames))
+        return xs, clip.label
 
 
 def read_list(path):

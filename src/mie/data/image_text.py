@@ -40,6 +40,7 @@ from ..io import atomic_path, write_json
 from ..models.text import load_tokenizer
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import carve_validation
+from .torch_dataset import SelectedModalities
 
 SPLITS = ("train", "val", "test")
 NORMALIZE = {   # (mean, std) per RGB channel
@@ -203,8 +204,9 @@ def prepare_posts(benchmark, splits, bad_rows, image_dir, out, classes, *, worke
     return summary
 
 
-class PostDataset(Dataset):
-    """Prepared posts: item i is ({"image": (3, S, S) float32, "text": (2, L) int64}, label)."""
+class PostDataset(SelectedModalities, Dataset):
+    """Prepared posts: item i is ({"image": (3, S, S) float32, "text": (2, L) int64}, label); only
+    ``modalities``' inputs are read."""
 
     def __init__(self, prepared, text, label, image, classes, normalize="clip"):
         if normalize not in NORMALIZE:
@@ -215,14 +217,19 @@ class PostDataset(Dataset):
         self.images = Path(prepared) / "images"
         self.text, self.label, self.image = text, label, image
         self.classes, self.num_classes = list(classes), len(classes)
+        self.modalities = ("image", "text")
 
     def __len__(self):
         return len(self.label)
 
     def __getitem__(self, i):
-        pixels = np.load(self.images / f"{self.image[i]}.npy").astype(np.float32) / 255.0
-        image = (pixels - self.mean) / self.std
-        return {"image": torch.from_numpy(image), "text": torch.from_numpy(self.text[i])}, int(self.label[i])
+        xs = {}
+        if "image" in self.modalities:
+            pixels = np.load(self.images / f"{self.image[i]}.npy").astype(np.float32) / 255.0
+            xs["image"] = torch.from_numpy((pixels - self.mean) / self.std)
+        if "text" in self.modalities:
+            xs["text"] = torch.from_numpy(self.text[i])
+        return xs, int(self.label[i])
 
 
 def post_datasets(prepared, benchmark, classes, seed, carve_val=0.2, normalize="clip"):

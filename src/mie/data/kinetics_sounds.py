@@ -60,6 +60,7 @@ from .disk import DiskBenchmark
 from .fbank import kaldi_fbank
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import carve_validation
+from .torch_dataset import SelectedModalities
 from .video import read_frames, spaced_frames
 
 RATE = 16_000
@@ -217,22 +218,27 @@ def prepare_kinetics_sounds(root, out, workers=None, skip_bad=False, progress=No
     return summary
 
 
-class KineticsSoundsDataset(Dataset):
-    """Prepared clips: item i is ({"audio": (1, 1024, 128), "video": (3, frames, H, W)}, label)."""
+class KineticsSoundsDataset(SelectedModalities, Dataset):
+    """Prepared clips: item i is ({"audio": (1, 1024, 128), "video": (3, frames, H, W)}, label); only
+    ``modalities``' files are read."""
 
     def __init__(self, prepared, clips, classes, mean, std, frames=3):
         self.prepared, self.clips, self.frames = Path(prepared), clips, frames
         self.classes, self.num_classes = list(classes), len(classes)
         self.mean, self.std = np.float32(mean), np.float32(std)
+        self.modalities = ("audio", "video")
 
     def __len__(self):
         return len(self.clips)
 
     def __getitem__(self, i):
-        clip, label = self.clips[i]
-        audio = (np.load(self.prepared / "audio" / f"{clip}.npy")[None] - self.mean) / self.std
-        video = spaced_frames(np.load(self.prepared / "video" / f"{clip}.npy"), self.frames)
-        return {"audio": torch.from_numpy(audio), "video": torch.from_numpy(video)}, label
+        (clip, label), xs = self.clips[i], {}
+        if "audio" in self.modalities:
+            xs["audio"] = torch.from_numpy((np.load(self.prepared / "audio" / f"{clip}.npy")[None] - self.mean)
+                                           / self.std)
+        if "video" in self.modalities:
+            xs["video"] = torch.from_numpy(spaced_frames(np.load(self.prepared / "video" / f"{clip}.npy"), self.frames))
+        return xs, label
 
 
 def audio_norm(norm, prepared):

@@ -54,6 +54,7 @@ from ..io import write_text
 from .disk import DiskBenchmark
 from .preparation import PrepareSummary, finish, run_jobs, save_npy
 from .splits import carve_validation
+from .torch_dataset import SelectedModalities
 from .video import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = tuple(f"class_{i:02d}" for i in range(1, 26))
@@ -268,12 +269,14 @@ def _frame_counts(frames):
     return tuple(pair)
 
 
-class NVGestureDataset(Dataset):
+class NVGestureDataset(SelectedModalities, Dataset):
     """Prepared NVGesture clips: item i is ({"rgb": (3, F, C, C), "depth": (1, F, C, C),
     "flow": (2, F, C, C)}, label) float32, F = ``frames``, C = ``crop``, for ``modalities``.
 
     ``train``: a random F-frame window and a random crop, the same for every modality; otherwise the
-    centre window and centre crop. Windows shorter than F are zero-padded at the end.
+    centre window and centre crop. Windows shorter than F are zero-padded at the end. ``only`` reads
+    fewer modalities' frames; the window is still drawn from all of them (memory-mapped headers), so
+    it is the same as when every modality is read.
     """
 
     num_classes = len(CLASSES)
@@ -282,6 +285,7 @@ class NVGestureDataset(Dataset):
     def __init__(self, prepared, keys, labels, modalities, frames, crop, train):
         self.prepared, self.keys, self.labels = Path(prepared), list(keys), list(labels)
         self.modalities, self.frames, self.crop, self.train = tuple(modalities), frames, crop, train
+        self.window_from = self.modalities
 
     def __len__(self):
         return len(self.keys)
@@ -294,11 +298,12 @@ class NVGestureDataset(Dataset):
         return spare_t // 2, spare_s // 2, spare_s // 2
 
     def __getitem__(self, i):
-        arrays = {m: np.load(self.prepared / m / f"{self.keys[i]}.npy", mmap_mode="r") for m in self.modalities}
+        arrays = {m: np.load(self.prepared / m / f"{self.keys[i]}.npy", mmap_mode="r") for m in self.window_from}
         length = max(len(a) for a in arrays.values())
         start, top, left = self._window(length, next(iter(arrays.values())).shape[-1])
         sample = {}
-        for m, a in arrays.items():
+        for m in self.modalities:
+            a = arrays[m]
             clip = np.asarray(a[start:start + self.frames, :, top:top + self.crop, left:left + self.crop], np.float32)
             if len(clip) < self.frames:
                 clip = np.concatenate([clip, np.zeros((self.frames - len(clip), *clip.shape[1:]), np.float32)])

@@ -11,7 +11,7 @@ from .arrays import MultimodalArrays, load_npz
 from .disk import call_with_options
 from .splits import resolve_split
 from .standardize import apply_standardizer, fit_standardizer
-from .torch_dataset import ArrayDataset
+from .torch_dataset import ArrayDataset, with_modalities
 
 
 @dataclass
@@ -84,6 +84,8 @@ def prepare_datasets(datasets, cfg, name="datasets", how="the given train/val/te
     unknown = [m for m in modalities if m not in first]
     if unknown:
         raise MieInputError(f"unknown modality {', '.join(unknown)}; the samples have {', '.join(first)}")
+    if set(modalities) != set(first):        # the others' inputs are not read (where the datasets can say so)
+        datasets = {s: with_modalities(ds, modalities) for s, ds in datasets.items()}
     k = cfg["data"]["num_classes"] or getattr(datasets["train"], "num_classes", None)
     if k is None:
         k = 1 + max(int(torch.as_tensor(datasets["train"][i][1])) for i in range(len(datasets["train"])))

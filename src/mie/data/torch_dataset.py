@@ -1,5 +1,10 @@
 """A torch Dataset over in-memory arrays: item i is ({modality: tensor}, label); a batch of indices
-is fetched in one indexing per array (``__getitems__``) rather than sample by sample."""
+is fetched in one indexing per array (``__getitems__``) rather than sample by sample.
+
+A dataset with ``only(modalities)`` gives a view of itself that loads those modalities' inputs alone
+(``with_modalities``): an MIE stage that trains one modality does not read the others' files."""
+import copy
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -35,6 +40,12 @@ class ArrayDataset(Dataset):
         index = torch.as_tensor(indices, dtype=torch.long)
         return Batched(({m: a[index] for m, a in self.x.items()}, self.y[index]))
 
+    def only(self, modalities):
+        """This dataset with ``modalities``' arrays alone (shared, not copied)."""
+        view = copy.copy(self)
+        view.x = {m: self.x[m] for m in modalities}
+        return view
+
 
 class Indexed(Dataset):
     """``base`` whose item i is (inputs, label, {"index": i}): a method that keeps per-sample results
@@ -50,6 +61,9 @@ class Indexed(Dataset):
         xs, y = self.base[i]
         return xs, y, {"index": torch.tensor(i)}
 
+    def only(self, modalities):
+        return Indexed(with_modalities(self.base, modalities))
+
     def __getitems__(self, indices):
         index = torch.as_tensor(indices, dtype=torch.long)
         if hasattr(self.base, "__getitems__"):
@@ -57,3 +71,19 @@ class Indexed(Dataset):
         else:
             xs, y = default_collate([self.base[i] for i in indices])
         return Batched((xs, y, {"index": index}))
+
+
+def with_modalities(dataset, modalities):
+    """``dataset`` loading only ``modalities``' inputs, where it can (``only``); else ``dataset`` itself,
+    whose items then hold every modality."""
+    return dataset.only(list(modalities)) if hasattr(dataset, "only") else dataset
+
+
+class SelectedModalities:
+    """A mixin for datasets whose ``__getitem__`` loads the inputs of ``self.modalities`` only:
+    ``only(modalities)`` is a shallow copy with fewer of them."""
+
+    def only(self, modalities):
+        view = copy.copy(self)
+        view.modalities = tuple(modalities)
+        return view

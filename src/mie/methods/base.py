@@ -8,6 +8,7 @@ precision and learning-rate schedules, and calls a method through these hooks on
     for epoch in range(method.num_epochs(E)):          # E = epoch budget per modality
         method.start_epoch(epoch)
         data = method.training_data(epoch, train_set)  # the set this epoch draws from (SMV rebuilds it)
+        inputs = method.training_inputs(epoch)         # the modalities its steps read: only these are loaded
         for each batch: logs = method.training_step(batch, step)   # passes, gradient edits, steps
         logs = method.end_epoch(epoch)                 # state between epochs (MIE's T, prototypes)
         method.fit_on_validation(logits, labels)       # if method.fits_on_validation ("fitted" fusion)
@@ -180,6 +181,11 @@ class Method:
         ``dataset`` itself). Items are (inputs, label) or (inputs, label, extras) with extras a dict
         of per-sample tensors, which reach ``training_step`` as ``batch.extras``."""
         return dataset
+
+    def training_inputs(self, epoch):
+        """The modalities whose inputs epoch ``epoch``'s ``training_step`` reads (None: all of them); the
+        loop loads only these (a stage of MIE reads one modality's: the others' files are not read)."""
+        return None
 
     def training_step(self, batch, step):
         """One optimisation step on ``batch`` (a ``Batch``) at ``step`` (a ``Step``). Returns scalars

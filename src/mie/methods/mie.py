@@ -331,6 +331,12 @@ class MIE(Method):
     def training_data(self, epoch, dataset):
         return Indexed(dataset) if self._keeps_shares else dataset
 
+    def training_inputs(self, epoch):
+        """A stage reads its own modality's inputs only, unless its ensemble term computes the others' shares
+        at every step (they are kept per sample instead, ``_keeps_shares``); per-batch alternation reads all."""
+        per_step_shares = self.ensemble_weight and not self._keeps_shares
+        return None if self.alternation == "iteration" or per_step_shares else [self.stage(epoch)[0]]
+
     def _share(self, k, x):
         """Modality k's share of the ensemble term (B, K): g_k with ``ensemble_heads``, else its logits z_k."""
         return self.model.ensemble_modality(k, x) if self.ensemble_heads else self.model.forward_modality(k, x)
