@@ -11,8 +11,9 @@ What differs from one process, for every method alike:
 - BatchNorm running statistics are averaged over the ranks after each epoch, so the ranks hold
   identical models;
 - evaluation and the passes methods make between epochs (MIE's covariances, MSLR's validation)
-  run on the whole split in every rank, so their results agree without communication; rank 0
-  alone writes files and shows progress.
+  run on the whole split in every rank, so their results agree without communication (MIE's
+  covariances taken from the training steps, ``gm_statistics="steps"``, are gathered over the
+  ranks); rank 0 alone writes files and shows progress.
 """
 import os
 
