@@ -23,7 +23,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out, method):
+def _worker(rank, world, port, out, method, params):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     seen = {"checksums": [], "train_batches": []}
@@ -42,14 +42,17 @@ def _worker(rank, world, port, out, method):
 
     mie.train.evaluate, mie.train.loader = checked_evaluate, counted_loader
     x, y = make_arrays(n=120)
-    result = mie.fit(mie.MultimodalArrays(x, y), method, config=CONFIG, out_dir=out / "run", seed=0, progress=False)
+    result = mie.fit(mie.MultimodalArrays(x, y), method, config=CONFIG, out_dir=out / "run", seed=0, progress=False,
+                     **params)
     (out / f"rank{rank}.json").write_text(json.dumps({"result": result, **seen}))
     mie.distributed.stop()
 
 
-@pytest.mark.parametrize("method", ["joint", "mie"])
-def test_two_ranks_stay_identical_and_rank0_writes(tmp_path, method):
-    mp.spawn(_worker, args=(2, _free_port(), tmp_path, method), nprocs=2, join=True)
+# gm_statistics="steps": each rank sees its own shard's batch means; gathered, every rank builds the same T
+@pytest.mark.parametrize("method,params", [("joint", {}), ("mie", {}), ("mie", {"gm_statistics": "steps"})],
+                         ids=["joint", "mie", "mie_steps"])
+def test_two_ranks_stay_identical_and_rank0_writes(tmp_path, method, params):
+    mp.spawn(_worker, args=(2, _free_port(), tmp_path, method, params), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["checksums"] == ranks[1]["checksums"]              # same parameters and buffers throughout
     assert ranks[0]["result"]["test"] == ranks[1]["result"]["test"] and ranks[0]["result"]["processes"] == 2
