@@ -94,6 +94,15 @@ def test_samples_crops_frames_and_scaling(tmp_path):
     rgb = np.load(out / "rgb" / "test_0001.npy")[:, 0, 4:36, 4:36] / 255.0
     assert torch.allclose(x["rgb"][0, :12], torch.from_numpy((rgb - 0.485) / 0.229).float(), atol=1e-5)
 
+    # a view of one modality draws its window from every modality's length: the one the full item draws
+    train, key = datasets["train"], datasets["train"].keys[0]
+    np.save(out / "depth" / f"{key}.npy", np.load(out / "depth" / f"{key}.npy")[:9])     # depth shorter than rgb
+    torch.manual_seed(1)
+    full, _ = train[0]
+    torch.manual_seed(1)
+    alone, _ = train.only(["depth"])[0]
+    assert list(alone) == ["depth"] and torch.equal(alone["depth"], full["depth"])
+
     plain = tmp_path / "no_flow"
     prepare_nvgesture(root, plain, workers=1, size=40, flow="none", progress=False)
     assert set(nvgesture_datasets(plain, 0, frames=8, crop=32)["train"][0][0]) == {"rgb", "depth"}
