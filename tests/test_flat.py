@@ -349,3 +349,32 @@ def test_low_rank_modification_applies_the_T_of_its_means(d, n):
     assert float(rel) == pytest.approx(np.linalg.norm(G @ T - G) / np.linalg.norm(G), rel=1e-5)
     empty = LowRankModification.from_means(torch.zeros(d, 0), 0.4)        # no means: T = I
     assert torch.equal(empty.right_multiply(torch.tensor(G))[0], torch.tensor(G))
+
+
+@pytest.mark.parametrize("d, n", [(12, 3), (6, 10)])
+def test_low_rank_modification_with_a_tolerance_leaves_out_the_nearly_undamped_directions(d, n):
+    """from_means(Z, τ, tol) for n < d (Gram matrix) and n ≥ d (Ȳ itself): with tol = 0 the T of numpy's
+    eigendecomposition; with tol > 0 exactly the directions with 1 − σ > tol kept (σ from numpy), and
+    ‖T_tol − T‖₂ ≤ tol."""
+    from mie.optim import LowRankModification
+    rng = np.random.default_rng(d + n)
+    Z = rng.normal(size=(d, n)) * np.linspace(0.05, 3, n)        # spread eigenvalues
+    Z[:, 0] += 4.0                                               # one dominant direction, as batch means have
+    lam, V = np.linalg.eigh(Z @ Z.T)
+    lam = np.clip(lam, 0, None)
+    if n < d:
+        lam[: d - n] = 0.0                                       # exactly rank n
+    sigma = np.exp(-1.5 * (lam - lam.min()) / (lam.max() - lam.min()))
+    T = V @ np.diag(sigma) @ V.T
+    exact = LowRankModification.from_means(torch.tensor(Z), 1.5)
+    np.testing.assert_allclose(exact.dense().numpy(), T, atol=1e-10)
+    for tol in (1e-3, 0.05, 0.3):
+        low = LowRankModification.from_means(torch.tensor(Z), 1.5, tol=tol)
+        kept = 1 - sigma > tol
+        assert low.rank == kept.sum()
+        np.testing.assert_allclose(low.dense().numpy(), V[:, kept] @ np.diag(sigma[kept] - 1) @ V[:, kept].T
+                                   + np.eye(d), atol=1e-10)
+        assert np.linalg.norm(low.dense().numpy() - T, 2) <= tol + 1e-12
+    assert low.rank < exact.rank                                 # tol 0.3 leaves directions out
+    with pytest.raises(ValueError, match="tol must be in"):
+        LowRankModification.from_means(torch.tensor(Z), 1.5, tol=1.0)

@@ -18,7 +18,7 @@ from mie.diagnostics import GMDiagnostics
 from mie.errors import MieInputError
 from mie.methods import Batch, create_method
 from mie.models import ClassifierHead, LateFusionModel
-from mie.optim.flat import GradientModification
+from mie.optim.flat import GradientModification, LowRankModification
 
 K, LR = 3, 0.1
 
@@ -87,13 +87,20 @@ def test_spectra_match_numpy_eigvalsh(tmp_path, n_batches):
     assert (tmp_path / "gm_diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cosine_equals_hand_computation():
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_cosine_equals_hand_computation(low_rank):
+    """Also with a low-rank T, which rewrites the gradient in place: the cosine still compares it with
+    the gradient from before."""
     torch.manual_seed(3)
     layer, other = nn.Linear(4, 3), nn.Linear(2, 2)
     opt = torch.optim.SGD(list(layer.parameters()) + list(other.parameters()), lr=0.0)
     A = torch.randn(4, 4, dtype=torch.float64)
     T = torch.linalg.matrix_exp(-(A @ A.T) / 4)                  # a symmetric T with eigenvalues in (0, 1]
-    hook = GradientModification([layer], [T], track=True)
+    applied = T
+    if low_rank:
+        applied = LowRankModification.from_means(torch.randn(4, 2, dtype=torch.float64), 3.0)
+        T = applied.dense()
+    hook = GradientModification([layer], [applied], track=True)
     hook.attach(opt)
     expected = []
     for _ in range(2):

@@ -12,7 +12,7 @@ from conftest import make_context, make_step
 from mie.errors import MieInputError
 from mie.methods import MIE, create_method
 from mie.models import LateFusionModel, ModelSpec
-from mie.optim import flat_modification_matrix
+from mie.optim import flat_modification_from_means, flat_modification_matrix
 
 MODS = ["a", "b", "c"]
 SHAPES = {"a": (5,), "b": (6,), "c": (7,)}
@@ -459,14 +459,15 @@ def test_gm_batches_shuffled_takes_the_covariance_over_reshuffled_batches():
 
 def test_gm_lowrank_steps_as_the_dense_T():
     """gm_lowrank: the hook gets T^(k) as I + U diag(σ − 1) Uᵀ from k's batch means (2 batches, so
-    rank 2 in 8, 6 and 4 dimensions), and the SAM + GM step equals the dense one."""
+    rank 2 in 8, 6 and 4 dimensions; as the d × d matrix where 2·2 ≥ d), and the SAM + GM step equals
+    the dense one."""
     batches = _batches(n=2, size=5, seed=20)
     steps = {}
     for low in (False, True):
         model, method = _setup(batches=batches, sam=True, gm=True, gm_lowrank=low)
         method.recompute(["c"])
-        kinds = {type(t).__name__ for t in method.gm_hooks["a"].matrices}
-        assert kinds == ({"LowRankModification"} if low else {"Tensor"})
+        kinds = [type(t).__name__ for t in method.gm_hooks["a"].matrices]
+        assert kinds == (["LowRankModification"] * 2 + ["Tensor"] if low else ["Tensor"] * 3)
         before = [p.detach().clone() for p in model.modality_parameters("a")]
         method.start_epoch(0)
         method.training_step(batches[0], make_step(0))
@@ -474,6 +475,27 @@ def test_gm_lowrank_steps_as_the_dense_T():
     assert max(float(d.abs().max()) for d in steps[False]) > 1e-3
     for dense, low in zip(steps[False], steps[True]):
         torch.testing.assert_close(low, dense, rtol=0, atol=1e-12)
+
+
+def test_gm_tolerance_leaves_out_the_directions_T_barely_damps():
+    """gm_tolerance: each hook matrix keeps exactly the eigen-directions of numpy's Ȳ = Σ z̄ z̄ᵀ with
+    1 − σ > tol (σ = exp(−τ λ/λ_max), Ȳ of rank n = 3 < d), is within tol of the exact T in spectral
+    norm, and needs gm_lowrank."""
+    batches = _batches(n=3, size=5, seed=21)
+    tol = 0.02
+    model, method = _setup(batches=batches, sam=False, gm=True, gm_lowrank=True, gm_tolerance=tol)
+    method.recompute(["c"])
+    for layer, t, Z in zip(method.layers["a"], method.gm_hooks["a"].matrices, method.means["c"]):
+        lam = np.clip(np.linalg.eigvalsh(Z.numpy() @ Z.numpy().T), 0, None)
+        sigma = np.exp(-TAU * lam / lam.max())
+        dense = t.dense() if hasattr(t, "dense") else t
+        exact = flat_modification_from_means(Z, TAU)
+        assert np.linalg.norm((dense.double() - exact).numpy(), 2) <= tol + 1e-6
+        if hasattr(t, "rank"):
+            assert t.rank == int((1 - sigma > tol).sum()) < 3
+    assert any(hasattr(t, "rank") for t in method.gm_hooks["a"].matrices)
+    with pytest.raises(MieInputError, match="gm_tolerance truncates the low-rank form of T; it needs"):
+        create_method("mie", gm_tolerance=0.01)
 
 
 def test_iteration_alternation_recomputes_every_T():

@@ -135,31 +135,66 @@ def flat_modification_from_means(Z, tau=0.4):
 
 
 class LowRankModification:
-    """T = I + U diag(c) Uᵀ with U (d × r) orthonormal and c = σ − 1 (r ≤ n < d): ∇W · T is
-    ∇W + ((∇W U) ⊙ c) Uᵀ, 2·out·d·r multiply-adds instead of out·d²; equal to ∇W · V Σ Vᵀ up to
-    float rounding."""
+    """T = I + U diag(c) Uᵀ with U (d × r) orthonormal and c = σ − 1 over the r directions T damps:
+    ∇W · T is ∇W + ((∇W U) ⊙ c) Uᵀ, 2·out·d·r multiply-adds instead of out·d²; equal to ∇W · V Σ Vᵀ up
+    to float rounding.
+
+    With a tolerance ``tol`` > 0 (ours), the directions that T damps by at most tol (1 − σ ≤ tol) are
+    left undamped. The T so truncated differs from V Σ Vᵀ by at most tol in spectral norm, so each
+    rewritten gradient moves by at most tol·‖∇W‖_F. A Ȳ of batch means usually has one eigenvalue far
+    above the rest (every z̄_t is near the data's mean), so σ is within 1e-3 of 1 for all but a few
+    directions: r drops from n to a handful.
+    """
 
     def __init__(self, U, c):
         self.U, self.c = U, c
         self.shape = (U.shape[0], U.shape[0])
 
+    @property
+    def rank(self):
+        return self.U.shape[1]
+
+    @property
+    def dtype(self):
+        return self.U.dtype
+
+    @property
+    def device(self):
+        return self.U.device
+
     @classmethod
-    def from_means(cls, Z, tau=0.4):
-        """T of Ȳ = Z Zᵀ for a factor Z (d × n, n < d), float64."""
+    def from_means(cls, Z, tau=0.4, tol=0.0):
+        """T of Ȳ = Z Zᵀ for a factor Z (d × n), float64: from the n × n Gram matrix ZᵀZ when n < d
+        (λ_min = 0), else from Ȳ itself; directions with 1 − σ ≤ ``tol`` left out."""
         Z = torch.as_tensor(Z, dtype=torch.float64)
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
+        if not 0 <= tol < 1:
+            raise ValueError(f"tol must be in [0, 1), got {tol}")
         d, n = Z.shape
         none = cls(Z.new_zeros(d, 0), Z.new_zeros(0))
         if n == 0:
             return none
-        lam, W = _eigh(Z.T @ Z)
-        lam = lam.clamp_min(0.0)
-        hi = lam.max()
-        if hi <= 0:
-            return none
-        keep = lam > _EQUAL_EIGENVALUES_RTOL * hi
-        return cls((Z @ W[:, keep]) / lam[keep].sqrt(), torch.exp(-tau * lam[keep] / hi) - 1)
+        if n < d:
+            lam, W = _eigh(Z.T @ Z)
+            lam = lam.clamp_min(0.0)
+            lo, hi = 0.0, lam.max()
+            if hi <= 0:
+                return none
+            sigma = torch.exp(-tau * lam / hi)
+            keep = (lam > _EQUAL_EIGENVALUES_RTOL * hi) & (1 - sigma > tol)
+            U = (Z @ W[:, keep]) / lam[keep].sqrt()
+        else:
+            cov = Z @ Z.T
+            lam, U = _eigh((cov + cov.T) / 2)
+            lam = lam.clamp_min(0.0)
+            lo, hi = lam.min(), lam.max()
+            if hi - lo <= _EQUAL_EIGENVALUES_RTOL * hi.abs():
+                return none
+            sigma = torch.exp(-tau * (lam - lo) / (hi - lo))
+            keep = (sigma < 1) & (1 - sigma > tol)
+            U = U[:, keep]
+        return cls(U, sigma[keep] - 1)
 
     def dense(self):
         """T as a d × d matrix."""
@@ -173,6 +208,12 @@ class LowRankModification:
         """(G · T, G · (T − I)) for G (out × d)."""
         change = ((G @ self.U) * self.c) @ self.U.T
         return G + change, change
+
+    def right_multiply_(self, G):
+        """G ← G · T in place (G out × d); returns ‖G · (T − I)‖_F (= ‖(G U) ⊙ c‖_F, U orthonormal)."""
+        coefficients = (G @ self.U).mul_(self.c)
+        G.addmm_(coefficients, self.U.T)
+        return coefficients.norm()
 
 
 class InputCovariance:
@@ -243,15 +284,17 @@ def modify_gradient(layer, T):
     matrix = grad.reshape(grad.shape[0], -1)
     if T.shape != (matrix.shape[1], matrix.shape[1]):
         raise ValueError(f"T of shape {tuple(T.shape)} does not fit a {type(layer).__name__} with d_in={matrix.shape[1]}")
-    T = T.to(dtype=grad.dtype, device=grad.device)
+    if (T.dtype, T.device) != (grad.dtype, grad.device):
+        T = T.to(dtype=grad.dtype, device=grad.device)
+    norm = matrix.norm()
     if isinstance(T, LowRankModification):
-        new, difference = T.right_multiply(matrix)
-        change = difference.norm()
+        change = T.right_multiply_(matrix)
+        new = matrix
     else:
         new = matrix @ T
         change = torch.dist(new, matrix)
-    layer.weight.grad = new.reshape(grad.shape)
-    return change.div_(matrix.norm()).nan_to_num_(0.0)      # ∇W = 0 changes nothing: 0/0 → 0
+    layer.weight.grad = new.view(grad.shape)
+    return change.div_(norm).nan_to_num_(0.0)      # ∇W = 0 changes nothing: 0/0 → 0
 
 
 class GradientModification:
@@ -281,6 +324,8 @@ class GradientModification:
         if not pairs:
             return
         before = [layer.weight.grad for layer, _ in pairs]
+        if self.track:                      # a low-rank T rewrites the gradients in place
+            before = [None if b is None else b.clone() for b in before]
         self.changes.append(torch.stack([modify_gradient(layer, T) for layer, T in pairs]).mean())
         if self.track and any(b is not None for b in before):
             rewritten = {id(layer.weight) for layer, _ in pairs}
