@@ -204,11 +204,6 @@ class LowRankModification:
     def to(self, dtype=None, device=None):
         return LowRankModification(self.U.to(dtype=dtype, device=device), self.c.to(dtype=dtype, device=device))
 
-    def right_multiply(self, G):
-        """(G · T, G · (T − I)) for G (out × d)."""
-        change = ((G @ self.U) * self.c) @ self.U.T
-        return G + change, change
-
     def right_multiply_(self, G):
         """G ← G · T in place (G out × d); returns ‖G · (T − I)‖_F (= ‖(G U) ⊙ c‖_F, U orthonormal)."""
         coefficients = (G @ self.U).mul_(self.c)
