@@ -51,12 +51,12 @@ def test_a_methods_step_is_not_autocast_outside_the_model(monkeypatch):
     GM's hook finds while MIE trains under train.amp=bf16."""
     from mie.optim import flat
     seen = []
-    original = flat.modify_gradient
+    original = flat.rewrite_gradient
 
     def recording(layer, T):
         seen.append(torch.is_autocast_enabled("cpu"))
         return original(layer, T)
-    monkeypatch.setattr(flat, "modify_gradient", recording)
+    monkeypatch.setattr(flat, "rewrite_gradient", recording)
     x, y = make_arrays(n=60)
     mie.fit(mie.MultimodalArrays(x, y), "mie", config=CONFIG, seed=0, epochs=1, progress=False)
     assert seen and not any(seen)

@@ -380,3 +380,27 @@ def test_low_rank_modification_with_a_tolerance_leaves_out_the_nearly_undamped_d
     assert low.rank < exact.rank                                 # tol 0.3 leaves directions out
     with pytest.raises(ValueError, match="tol must be in"):
         LowRankModification.from_means(torch.tensor(Z), 1.5, tol=1.0)
+
+
+def test_gradient_modification_logs_the_mean_relative_change_over_its_layers():
+    """The hook's per-step log: the mean over the layers it was given a T for of ‖∇W·T − ∇W‖ / ‖∇W‖,
+    by numpy, a layer without gradient counting 0 and one with ∇W = 0 too; each gradient is ∇W · T."""
+    from mie.optim import GradientModification, LowRankModification
+    rng = np.random.default_rng(5)
+    layers = [nn.Linear(6, 4), nn.Linear(5, 3), nn.Linear(3, 2), nn.Linear(4, 2)]
+    dense = _expected_T(_orthogonal(6, 1), rng.uniform(0, 1, 6), 0.9)
+    low = LowRankModification.from_means(torch.tensor(rng.normal(size=(5, 2))), 0.9)
+    Ts = [torch.tensor(dense), low, torch.eye(3, dtype=torch.float64), None]
+    G = [rng.normal(size=(4, 6)), rng.normal(size=(3, 5)), None, rng.normal(size=(2, 4))]
+    for layer, g in zip(layers, G):
+        layer.weight.grad = None if g is None else torch.tensor(g, dtype=torch.float32)
+    layers[1].weight.grad.zero_()
+    opt = torch.optim.SGD([p for layer in layers for p in layer.parameters()], lr=0.0)
+    gm = GradientModification(layers, Ts)
+    gm.attach(opt)
+    opt.step()
+    np.testing.assert_allclose(layers[0].weight.grad.double().numpy(), G[0] @ dense, rtol=1e-5, atol=1e-6)
+    assert torch.equal(layers[1].weight.grad, torch.zeros(3, 5)) and layers[2].weight.grad is None
+    np.testing.assert_array_equal(layers[3].weight.grad.numpy(), np.float32(G[3]))       # no T: untouched
+    expected = (np.linalg.norm(G[0] @ dense - G[0]) / np.linalg.norm(G[0]) + 0 + 0) / 3
+    assert len(gm.changes) == 1 and float(gm.changes[0]) == pytest.approx(expected, rel=1e-5)

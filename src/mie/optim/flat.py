@@ -149,6 +149,7 @@ class LowRankModification:
     def __init__(self, U, c):
         self.U, self.c = U, c
         self.shape = (U.shape[0], U.shape[0])
+        self._scaled, self._U_t = U * c, U.T.contiguous()      # U diag(c) and Uᵀ, for the product
 
     @property
     def rank(self):
@@ -178,7 +179,7 @@ class LowRankModification:
         if n < d:
             lam, W = _eigh(Z.T @ Z)
             lam = lam.clamp_min(0.0)
-            lo, hi = 0.0, lam.max()
+            hi = lam.max()
             if hi <= 0:
                 return none
             sigma = torch.exp(-tau * lam / hi)
@@ -205,9 +206,9 @@ class LowRankModification:
         return LowRankModification(self.U.to(dtype=dtype, device=device), self.c.to(dtype=dtype, device=device))
 
     def right_multiply_(self, G):
-        """G ← G · T in place (G out × d); returns ‖G · (T − I)‖_F (= ‖(G U) ⊙ c‖_F, U orthonormal)."""
-        coefficients = (G @ self.U).mul_(self.c)
-        G.addmm_(coefficients, self.U.T)
+        """G ← G · T in place (G out × d); returns ‖G · (T − I)‖_F (= ‖G U diag(c)‖_F, U orthonormal)."""
+        coefficients = G @ self._scaled
+        G.addmm_(coefficients, self._U_t)
         return coefficients.norm()
 
 
@@ -269,27 +270,34 @@ class InputCovariance:
             self.columns = [sum(b.shape[1] for b in blocks) for blocks in self.blocks]
 
 
-def modify_gradient(layer, T):
-    """Replace ``layer.weight.grad``, as a matrix (out × d_in), by ∇W · T (T a d_in × d_in tensor or a
-    ``LowRankModification``); returns
-    ‖∇W·T − ∇W‖ / ‖∇W‖ as a 0-d tensor (no host sync)."""
+def rewrite_gradient(layer, T):
+    """Replace ``layer.weight.grad`` (which must exist), as a matrix (out × d_in), by ∇W · T (T a
+    d_in × d_in tensor, or a ``LowRankModification``, applied in place); returns ‖∇W·T − ∇W‖_F as a
+    0-d tensor (no host sync)."""
     grad = layer.weight.grad
-    if grad is None:
-        return torch.zeros(())
-    matrix = grad.reshape(grad.shape[0], -1)
+    matrix = grad if grad.dim() == 2 else grad.reshape(grad.shape[0], -1)
     if T.shape != (matrix.shape[1], matrix.shape[1]):
         raise ValueError(f"T of shape {tuple(T.shape)} does not fit a {type(layer).__name__} with d_in={matrix.shape[1]}")
     if (T.dtype, T.device) != (grad.dtype, grad.device):
         T = T.to(dtype=grad.dtype, device=grad.device)
-    norm = matrix.norm()
     if isinstance(T, LowRankModification):
         change = T.right_multiply_(matrix)
         new = matrix
     else:
         new = matrix @ T
         change = torch.dist(new, matrix)
-    layer.weight.grad = new.view(grad.shape)
-    return change.div_(norm).nan_to_num_(0.0)      # ∇W = 0 changes nothing: 0/0 → 0
+    if new is not grad:
+        layer.weight.grad = new.view(grad.shape)
+    return change
+
+
+def modify_gradient(layer, T):
+    """``rewrite_gradient``; returns ‖∇W·T − ∇W‖ / ‖∇W‖ as a 0-d tensor (0 without a gradient)."""
+    grad = layer.weight.grad
+    if grad is None:
+        return torch.zeros(())
+    norm = grad.norm()
+    return rewrite_gradient(layer, T).div_(norm).nan_to_num_(0.0)      # ∇W = 0 changes nothing: 0/0 → 0
 
 
 class GradientModification:
@@ -321,7 +329,7 @@ class GradientModification:
         before = [layer.weight.grad for layer, _ in pairs]
         if self.track:                      # a low-rank T rewrites the gradients in place
             before = [None if b is None else b.clone() for b in before]
-        self.changes.append(torch.stack([modify_gradient(layer, T) for layer, T in pairs]).mean())
+        self.changes.append(self._rewrite(pairs))
         if self.track and any(b is not None for b in before):
             rewritten = {id(layer.weight) for layer, _ in pairs}
             cos = gradient_cosines(before, [layer.weight.grad for layer, _ in pairs],
@@ -329,6 +337,18 @@ class GradientModification:
                                     if p.grad is not None and id(p) not in rewritten])
             self.cosines = cos if self.cosines is None else self.cosines + cos
             self.steps += 1
+
+    @staticmethod
+    def _rewrite(pairs):
+        """Rewrite the gradient of each (layer, T); returns the mean over ``pairs`` of ‖∇W·T − ∇W‖ / ‖∇W‖
+        (0 for a layer without gradient), the norms ‖∇W‖ taken in one kernel for all layers."""
+        present = [(layer, T) for layer, T in pairs if layer.weight.grad is not None]
+        if not present:
+            return torch.zeros(())
+        norms = torch._foreach_norm([layer.weight.grad for layer, _ in present])
+        changes = [rewrite_gradient(layer, T) for layer, T in present]
+        ratios = torch.stack(changes).div_(torch.stack(norms)).nan_to_num_(0.0)    # ∇W = 0: 0/0 → 0
+        return ratios.sum().div_(len(pairs))
 
     def attach(self, optimizer):
         """Run before every ``optimizer.step()``; returns the hook's removable handle."""
