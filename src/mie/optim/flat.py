@@ -216,9 +216,10 @@ class InputCovariance:
     """Collects, via forward hooks, the factor Z of Ȳ = Z Zᵀ of the inputs of some GM layers (see the
     module docstring: batch means for a Linear, patches of the batch-mean input for a convolution).
 
-    Use as a context manager around forward passes. ``factor(i)`` is Z (d_in × n, float64) of layer
-    i, ``covariances`` the matrices Ȳ = Z Zᵀ, and ``flat_matrices(τ)`` each layer's T, in the order
-    the layers were given.
+    Use as a context manager around forward passes; the columns stay on the layers' device until read
+    (no host sync per pass). ``factor(i)`` is Z (d_in × n, float64, on the CPU) of layer i,
+    ``covariances`` the matrices Ȳ = Z Zᵀ, and ``flat_matrices(τ)`` each layer's T, in the order the
+    layers were given.
     """
 
     def __init__(self, layers):
@@ -231,7 +232,7 @@ class InputCovariance:
     def _hook(self, index):
         def hook(module, inputs, output):
             blocks = self.blocks[index]
-            blocks.append(layer_input_columns(module, inputs[0]).cpu())    # float64 (bf16 under AMP)
+            blocks.append(layer_input_columns(module, inputs[0]))    # float64 on the layer's device: no sync
             self.columns[index] += blocks[-1].shape[1]
             if self.columns[index] > 2 * self.dims[index]:
                 self.blocks[index] = [torch.linalg.qr(torch.cat(blocks, dim=1).T, mode="r").R.T]
@@ -250,7 +251,7 @@ class InputCovariance:
     def factor(self, index):
         if not self.blocks[index]:
             return torch.zeros(self.dims[index], 0, dtype=torch.float64)
-        return torch.cat(self.blocks[index], dim=1)
+        return torch.cat(self.blocks[index], dim=1).cpu()
 
     @property
     def covariances(self):
@@ -265,7 +266,7 @@ class InputCovariance:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.blocks)
+            dist.all_gather_object(gathered, [[b.cpu() for b in blocks] for blocks in self.blocks])
             self.blocks = [[b for rank_blocks in gathered for b in rank_blocks[i]] for i in range(len(self.layers))]
             self.columns = [sum(b.shape[1] for b in blocks) for blocks in self.blocks]
 
