@@ -129,11 +129,11 @@ class SAM(torch.optim.Optimizer):
         (or LookSAM) step; returns the loss of the first pass (at θ)."""
         if closure is None:
             raise ValueError("SAM.step needs a closure that computes the loss, calls backward and returns it")
-        closure = torch.enable_grad()(closure)
         sam_step = self.steps % self.every == 0
         self.steps += 1
         self.zero_grad()
-        loss = closure()
+        with torch.enable_grad():
+            loss = closure()
         if not sam_step:
             if self.reuse == "looksam":
                 self._add_reused_component()
@@ -141,7 +141,7 @@ class SAM(torch.optim.Optimizer):
             return loss
         g = [(p, p.grad.clone()) for p in self._params_with_grad()] if self.reuse == "looksam" else None
         self.first_step(zero_grad=True)
-        with frozen_batchnorm_stats(self.model, self._batchnorms):
+        with frozen_batchnorm_stats(self.model, self._batchnorms), torch.enable_grad():
             closure()
         if g is not None:
             self._keep_orthogonal_component(g)
