@@ -404,3 +404,13 @@ def test_gradient_modification_logs_the_mean_relative_change_over_its_layers():
     np.testing.assert_array_equal(layers[3].weight.grad.numpy(), np.float32(G[3]))       # no T: untouched
     expected = (np.linalg.norm(G[0] @ dense - G[0]) / np.linalg.norm(G[0]) + 0 + 0) / 3
     assert len(gm.changes) == 1 and float(gm.changes[0]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_input_covariance_keeps_its_columns_on_the_layers_device():
+    """The hooks move nothing to the host per forward pass (a host sync per step on a GPU): columns
+    collected on another device (here "meta") stay there until the factor is read."""
+    lin = nn.Linear(4, 3, device="meta")
+    with InputCovariance([lin]) as cov:
+        for _ in range(2):
+            lin(torch.randn(5, 4, device="meta"))
+    assert [b.device.type for b in cov.blocks[0]] == ["meta", "meta"] and cov.columns == [2]
