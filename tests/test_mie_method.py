@@ -498,6 +498,18 @@ def test_gm_tolerance_leaves_out_the_directions_T_barely_damps():
         create_method("mie", gm_tolerance=0.01)
 
 
+def test_matrices_given_by_hand_are_applied_as_given_under_gm_lowrank():
+    """use_matrices after a covariance pass: the hooks get the given matrices, not a low-rank T of the
+    earlier batch means."""
+    model, method = _setup(batches=_batches(n=2, size=5, seed=22), sam=False, gm=True, gm_lowrank=True)
+    method.recompute(["c"])
+    assert any(type(t).__name__ == "LowRankModification" for t in method.gm_hooks["a"].matrices)
+    Ts = _random_Ts(model, seed=23)
+    method.use_matrices(Ts)
+    for t, given in zip(method.gm_hooks["a"].matrices, Ts["c"]):
+        assert torch.equal(t, given.to(t.dtype))
+
+
 def test_iteration_alternation_recomputes_every_T():
     batches = _batches(n=2, size=5, seed=16)
     model, method = _setup(batches=batches, sam=True, gm=True, alternation="iteration")

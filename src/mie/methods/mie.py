@@ -562,8 +562,10 @@ class MIE(Method):
 
     def use_matrices(self, T):
         """Set T^(m) = ``T[m]`` (one float64 matrix per GM layer of m) for every m in ``T`` and give
-        them to the GM hooks that read them."""
+        them to the GM hooks that read them, as given (not in low rank: they come from no batch means,
+        so a resumed run, which rebuilds T from the means, starts them from I)."""
         self.T.update(T)
+        self.means.update({m: None for m in T})
         self._feed_successors(list(T))
 
     def _feed_successors(self, modalities):
