@@ -552,11 +552,11 @@ class MIE(Method):
 
     def _use_statistics(self, collectors, epoch=None):
         """T^(m) from each collector {m: InputCovariance}, handed to the GM hooks that read it."""
-        names = {id(mod): name for name, mod in self.model.named_modules()}
         for m, c in collectors.items():
             self.means[m] = [c.factor(i) for i in range(len(self.layers[m]))]
             self.T[m] = c.flat_matrices(self.tau)
             if self.diagnosis is not None and epoch is not None:
+                names = {id(mod): name for name, mod in self.model.named_modules()}
                 self.diagnosis.add_spectra(epoch + 1, m, [names[id(l)] for l in self.layers[m]], self.means[m])
         self._feed_successors(list(collectors))
 
