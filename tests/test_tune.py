@@ -263,9 +263,9 @@ def test_a_killed_run_resumes_to_exactly_n_complete_trials(toy, tmp_path):
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == 3 and not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     for number, params in running.items():       # the killed trial failed as stale, run again with its values
-        assert trials[number].state.name == "FAIL"
+        assert trials[number].state.name == "FAIL"   # (killed mid-sampling, it holds only the values drawn so far)
         retry = [t for t in complete if t.system_attrs.get("failed_trial") == number]
-        assert len(retry) == 1 and (not params or retry[0].params == params)
+        assert len(retry) == 1 and params.items() <= retry[0].params.items()
     assert f"| joint | 3 | 0 | 0 | 0 | {len(running)} |" in (out / "tune.md").read_text()   # killed, run again
     _assert_no_test_numbers(trials, out / "trials")
 
