@@ -42,7 +42,8 @@ def _batch(seed=1, size=6):
 
 
 def _method(model, **kw):
-    method = MIE(sam=False, gm=False, ensemble_weight=kw.pop("lam", 0.5), ensemble_heads=True, fusion="model", **kw)
+    method = MIE(sam=False, gm=False, ensemble_weight=kw.pop("lam", 0.5), ensemble_heads=True,
+                 fusion=kw.pop("fusion", "model"), **kw)
     method.setup(model, make_context(MODS, lr=LR, train_batches=[_batch()], epochs_per_modality=2))
     return method
 
@@ -92,9 +93,25 @@ def test_fused_prediction_is_the_ensemble_heads_sum_and_each_modality_its_own_he
     torch.testing.assert_close(told, F.softmax((g["a"] + g["c"]).float(), dim=-1))
 
 
+def test_with_a_late_fusion_rule_the_prediction_fuses_the_own_heads():
+    model = _model().eval()
+    method = _method(model, fusion="log")
+    xs, _ = _batch(seed=3)
+    fused, per = method.predict(xs)
+    with torch.no_grad():
+        h = {m: model.heads[m](model.encoders[m](xs[m])).float() for m in MODS}
+    torch.testing.assert_close(fused, F.softmax(sum(F.log_softmax(z, -1) for z in h.values()) / 3, dim=-1))
+    told = method.predict_present(xs, ["a", "c"])
+    torch.testing.assert_close(told, F.softmax((F.log_softmax(h["a"], -1) + F.log_softmax(h["c"], -1)) / 2, dim=-1))
+
+
+def test_the_recipe_s_tuning_chooses_between_the_ensemble_heads_and_the_own_heads():
+    space = create_method("mie_recipe_heads").params["fusion"].space
+    assert space.kind == "choice" and set(space.choices) == {"model", "average"}
+
+
 @pytest.mark.parametrize("params, message", [
     ({"ensemble_heads": True, "fusion": "model"}, "needs method.ensemble_weight > 0"),
-    ({"ensemble_heads": True, "ensemble_weight": 0.5}, "fusion 'model'"),
     ({"fusion": "model"}, "fusion 'model'"),
 ])
 def test_inconsistent_settings_are_refused(params, message):
@@ -102,12 +119,13 @@ def test_inconsistent_settings_are_refused(params, message):
         create_method("mie", **params)
 
 
-def test_a_run_s_checkpoint_gives_back_its_test_metrics_and_robustness(tmp_path):
+@pytest.mark.parametrize("fusion", ["model", "average"])
+def test_a_run_s_checkpoint_gives_back_its_test_metrics_and_robustness(tmp_path, fusion):
     x, y = make_arrays(n=150)
     path = tmp_path / "toy.npz"
     np.savez(path, y=y, **{f"x_{m}": a for m, a in x.items()})
     cfg = mie.config.build_config(None, ["train.epochs=2", "train.batch_size=32", "model.dim=8",
-                                         "model.head_hidden=[8]", "train.threads=1"],
+                                         "model.head_hidden=[8]", "train.threads=1", f"method.fusion={fusion}"],
                                   data={"path": str(path)}, method={"name": "mie_recipe_heads"})
     result = mie.fit(config=cfg, out_dir=tmp_path / "run", progress=False)
     again = evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
@@ -122,7 +140,7 @@ def test_a_run_s_checkpoint_gives_back_its_test_metrics_and_robustness(tmp_path)
         assert val["per_modality"][m]["loss"] == pytest.approx(result["val"]["per_modality"][m]["loss"], abs=1e-6)
     rows, _, _ = evaluate_robustness(tmp_path / "run" / "checkpoints" / "best.pt", drops=[("a",)])
     dropped = [r for r in rows if r["kind"] == "drop"]
-    assert len(dropped) == 1 and 0 <= dropped[0]["told_accuracy"] <= 1      # fused over b alone: g_b
+    assert len(dropped) == 1 and 0 <= dropped[0]["told_accuracy"] <= 1      # fused over b alone: g_b or h_b
 
 
 @pytest.mark.parametrize("name", ["mie_recipe", "mie_recipe_heads"])

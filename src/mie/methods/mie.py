@@ -73,7 +73,10 @@ features for that term, so that the head that must be good alone is not also ask
     L = (1 − λ) · CE(h_j(φ_j(x_j)), y) + λ · CE(g_j(φ_j(x_j)) + Σ_{k≠j} g_k(φ_k(x_k)), y)
 
 the fused prediction is softmax(Σ_m g_m) (``fusion="model"``), each modality's own prediction
-softmax(h_m); θ_j holds φ_j, h_j and g_j, GM acts on h_j's layers as in the paper.
+softmax(h_m); θ_j holds φ_j, h_j and g_j, GM acts on h_j's layers as in the paper. With a late-fusion
+rule instead ("average", "log", ...), the prediction fuses the own heads h_m and the g_m act only on
+training, through the features φ_m they share with h_m (an auxiliary ensemble loss); which of the two
+predicts better is a property of the task (docs/recipe.md), so ``mie_recipe_heads`` lets tuning choose.
 
 Efficiency options (ours, after the cited papers; defaults leave every step a full SAM step):
 ``sam_every`` = k runs SAM's two passes on each modality's optimizer steps 0, k, 2k, … and a plain
@@ -190,8 +193,9 @@ class MIE(Method):
                                  "λ: weight of the ensemble loss CE(z_j + Σ z_k) in j's stage (0: the paper's "
                                  "CE; mie_recipe tunes it)"),
         "ensemble_heads": Param(False, boolean, "a second head g_m per modality takes the ensemble term, "
-                                                "CE(g_j + Σ g_k), and gives the fused prediction Σ g_m (fusion "
-                                                "'model'); h_m, trained on m's own CE, stays m's prediction"),
+                                                "CE(g_j + Σ g_k); with fusion 'model' the fused prediction is "
+                                                "Σ g_m, else the own heads' fusion; h_m, trained on m's own CE, "
+                                                "stays m's prediction"),
         "gm_refresh": Param(1, number(at_least=1, integer=True),
                             "T^(j) recomputed after every r-th stage of j, reused in between (1: every stage)"),
         "gm_batches": Param("shuffled", one_of("shuffled", "data"),
@@ -230,9 +234,9 @@ class MIE(Method):
                                 "method.ensemble_weight > 0")
         if values["gm_tolerance"] and not values["gm_lowrank"]:
             raise MieInputError("method.gm_tolerance truncates the low-rank form of T; it needs method.gm_lowrank=true")
-        if (values["fusion"] == "model") != bool(values["ensemble_heads"]):
-            raise MieInputError("method.fusion 'model' is the ensemble heads' summed logits: use it with "
-                                "method.ensemble_heads=true, and ensemble heads with fusion 'model'")
+        if values["fusion"] == "model" and not values["ensemble_heads"]:
+            raise MieInputError("method.fusion 'model' is the ensemble heads' summed logits: it needs "
+                                "method.ensemble_heads=true")
 
     @classmethod
     def unused_params(cls, fixed):
@@ -459,7 +463,7 @@ class MIE(Method):
 
     @torch.no_grad()
     def predict_present(self, xs, present):
-        if not self.ensemble_heads:
+        if self.fusion != "model":
             return super().predict_present(xs, present)
         return F.softmax(self.model.fused_logits(xs, list(present)).float(), dim=-1)
 
