@@ -289,6 +289,18 @@ def test_the_median_pruner_stops_a_clearly_worse_trial(toy, tmp_path, monkeypatc
     assert "joint trial 2: pruned at epoch 1" in capsys.readouterr().out
 
 
+def test_the_first_trials_try_the_defaults_with_every_value_of_a_choice(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["tune", "--data", "toy.npz", "--methods", "mie_recipe_heads", "--trials", "4", "--seeds", "0",
+               "--out", "tune", "--space", "tau=0.4", "--space", "rho=0.05", "--space", "fusion=choice:model,average,log",
+               *TINY, "train.epochs=1"])
+    assert rc == 0
+    trials = _studies(tmp_path / "tune" / "tune.db")["mie_recipe_heads@toy.npz:a,b"]
+    defaults = {"ensemble_weight": 0.5, "train.lr": 1e-3, "train.weight_decay": 1e-4}
+    assert [t.params for t in trials[:3]] == [{**defaults, "fusion": f} for f in ("model", "average", "log")]
+    assert trials[3].params != trials[0].params and trials[3].params["fusion"] in ("model", "average", "log")
+
+
 def test_a_budget_stops_new_trials_and_the_report_says_so(toy, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc = main(["tune", "--data", "toy.npz", "--methods", "joint", "--trials", "3", "--budget", "0.0001",

@@ -8,7 +8,8 @@ training parameters (``SHARED_SPACE``), narrowed, widened or fixed by --space KE
 value (fixed). Every trial trains on one split (data.split_seed, default 0) from seed 0's
 initialisation (or, with --trial-seeds, from each of those seeds, its score the mean of their
 validation scores: one lucky initialisation then picks no parameters), trial 0 of each study with the
-method's defaults (those in its space); the re-runs keep that split and vary train.seed, so no test
+method's defaults (those in its space), the next trials with the defaults and each other value of a
+"choice" space; the re-runs keep that split and vary train.seed, so no test
 sample ever served the tuning.
 
 One Optuna study per method, named ``<method>@<data>:<modalities>`` so that several datasets share a

@@ -119,7 +119,8 @@ def tune_markdown(plan, rows, best, skipped, seeds, split_seed, plot_notes, comm
         f"random start-up trials, a constant liar for running trials; pruner {plan.pruner}){budget}. A trial is a full "
         f"training run ({cfg['train']['epochs']} epochs per modality) on one split (data.split_seed {split_seed}) "
         f"from {_seeds_text(plan.trial_seeds)}, scored on validation {select_on} of the checkpoint validation chose; no "
-        "trial reads test. Trial 0 of each study runs the method's defaults (those inside its space).",
+        "trial reads test. Trial 0 of each study runs the method's defaults (those inside its space); the next "
+        "trials, where a space is a choice, the defaults with each of its other values.",
         f"Studies in `{plan.storage}`: " + ", ".join(f"`{sp.name}`" for sp in plan.studies) + ".", "",
         f"| method | complete | pruned | failed | not run | killed, run again | minutes | best val {select_on} | "
         "best trial | best parameters |", "|---|---|---|---|---|---|---|---|---|---|"]

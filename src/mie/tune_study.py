@@ -2,7 +2,7 @@
 N trials queued once and each run exactly once, however many workers or machines join.
 
     storage = open_storage(url, heartbeat)     heartbeats; stale trials re-queued with their parameters
-    ready_study(storage, plan, study, join)    created with N WAITING trials (trial 0: the defaults)
+    ready_study(storage, plan, study, join)    created with N WAITING trials (the first: ``starting_points``)
     work(plan)                                 claim a WAITING trial → train → tell, until none is left
 
 A worker claims a WAITING trial by moving it to RUNNING, which fails when another worker took it
@@ -42,6 +42,15 @@ class StudyPlan:
     fixed: dict        # key → value, not searched
     defaults: dict     # key → the value trial 0 tries (the defaults that lie in the space)
     settings: dict     # what a study resumed or joined must have been created with
+
+    def starting_points(self):
+        """The values the first trials try: the defaults, then the defaults with each other choice of
+        every "choice" space in turn (a sampler's random start-up trials may miss a choice altogether)."""
+        points = [self.defaults]
+        for key, s in self.space.items():
+            if s.kind == "choice":
+                points += [{**self.defaults, key: c} for c in s.choices if c != self.defaults.get(key)]
+        return points
 
 
 @dataclass
@@ -107,8 +116,9 @@ def ready_study(storage, plan, study_plan, join):
     study.set_user_attr("mie", study_plan.settings)
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback
     queued = [t for t in study.get_trials(deepcopy=False) if retry.retried_trial_number(t) is None]
+    points = study_plan.starting_points()
     for number in range(len(queued), plan.trials):
-        study.enqueue_trial(study_plan.defaults if number == 0 else {})
+        study.enqueue_trial(points[number] if number < len(points) else {})
 
 
 def _flat(settings, prefix=""):
