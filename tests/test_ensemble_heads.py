@@ -105,11 +105,6 @@ def test_with_a_late_fusion_rule_the_prediction_fuses_the_own_heads():
     torch.testing.assert_close(told, F.softmax((F.log_softmax(h["a"], -1) + F.log_softmax(h["c"], -1)) / 2, dim=-1))
 
 
-def test_the_recipe_s_tuning_chooses_between_the_ensemble_heads_and_the_own_heads():
-    space = create_method("mie_recipe_heads").params["fusion"].space
-    assert space.kind == "choice" and set(space.choices) == {"model", "average"}
-
-
 @pytest.mark.parametrize("params, message", [
     ({"ensemble_heads": True, "fusion": "model"}, "needs method.ensemble_weight > 0"),
     ({"fusion": "model"}, "fusion 'model'"),

@@ -15,8 +15,6 @@ SCHEDULES = {"modulation_starts", "modulation_ends", "ogm_ends", "epochs_per_sta
              "warmup_epochs", "pretrain_epochs", "per_epochs"}
 # Settings that a registered variant fixes name which method it is: never searched.
 IDENTITY = {key for _, fixed, _ in METHODS.values() for key in fixed} | {"fusion"}
-# The one searched choice of words: the recipe's tuning chooses its prediction rule (docs/recipe.md).
-SEARCHED_CHOICES = {("MIERecipeHeads", "fusion")}
 
 
 def declared():
@@ -50,8 +48,6 @@ def test_space_is_valid_and_holds_the_default(owner, key, param):
 
 @pytest.mark.parametrize("owner,key,param", declared(), ids=lambda v: v if isinstance(v, str) else "")
 def test_switches_and_schedules_are_not_searched(owner, key, param):
-    if (owner, key) in SEARCHED_CHOICES:
-        return
     assert param.check is not boolean and not isinstance(param.default, (bool, str))
     assert key not in IDENTITY | SCHEDULES
 
@@ -74,8 +70,7 @@ def test_spaces_of_the_registry():
     assert "mu" not in spaces("pmr") and "mu" in spaces("pmr_per")
     assert spaces("smv") == {} and set(spaces("smv_modality")) == {"alpha"}
     assert spaces("mie")["tau"] == METHODS["mie"][0].params["tau"].space
-    assert set(spaces("mie_recipe")) == {"tau", "rho", "ensemble_weight"}
-    assert set(spaces("mie_recipe_heads")) == {"tau", "rho", "ensemble_weight", "fusion"}
+    assert set(spaces("mie_recipe")) == set(spaces("mie_recipe_heads")) == {"tau", "rho", "ensemble_weight"}
 
 
 @pytest.mark.parametrize("name", list(METHODS))

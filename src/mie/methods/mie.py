@@ -75,8 +75,8 @@ features for that term, so that the head that must be good alone is not also ask
 the fused prediction is softmax(Σ_m g_m) (``fusion="model"``), each modality's own prediction
 softmax(h_m); θ_j holds φ_j, h_j and g_j, GM acts on h_j's layers as in the paper. With a late-fusion
 rule instead ("average", "log", ...), the prediction fuses the own heads h_m and the g_m act only on
-training, through the features φ_m they share with h_m (an auxiliary ensemble loss); which of the two
-predicts better is a property of the task (docs/recipe.md), so ``mie_recipe_heads`` lets tuning choose.
+training, through the features φ_m they share with h_m (an auxiliary ensemble loss; docs/recipe.md
+measures both).
 
 Efficiency options (ours, after the cited papers; defaults leave every step a full SAM step):
 ``sam_every`` = k runs SAM's two passes on each modality's optimizer steps 0, k, 2k, … and a plain

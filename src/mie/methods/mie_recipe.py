@@ -35,13 +35,12 @@ class MIERecipeHeads(MIERecipe):
     feeds its own head h_j, trained on CE(h_j, y), and an ensemble head g_j, trained on
     CE(g_j + Σ_{k≠j} g_k, y) (weights 1 − λ and λ); the fused prediction is Σ_m g_m (fusion "model"),
     each modality's own prediction h_m. The ensemble no longer asks the heads that must be good alone
-    to be complementary too, only the features they share. ``mie tune`` also chooses the fusion between
-    Σ_m g_m and the average of the own heads h_m: where one modality nearly suffices (mfeat pix+zer),
-    averaging heads trained apart generalises better than a fitted ensemble (docs/recipe.md)."""
+    to be complementary too, only the features they share. ``fusion="average"`` (or another late-fusion
+    rule) predicts from the own heads instead, the g_m then shaping only the features; a tuning that
+    chose between the two (``--space fusion=choice:model,average``) did not gain (docs/recipe.md)."""
     name = "mie_recipe_heads"
     params = {**MIERecipe.params,
-              "fusion": fusion_param("model", LATE_FUSIONS + ("model",))._replace(
-                  space=Space("choice", choices=("model", "average"))),
+              "fusion": fusion_param("model", LATE_FUSIONS + ("model",)),
               "ensemble_weight": Param(0.5, number(above=0, at_most=1),
                                        "λ: weight of the ensemble heads' loss CE(g_j + Σ g_k) in j's stage",
                                        Space("float", 0.05, 1.0)),    # λ = 0 would leave the g_m untrained
