@@ -93,14 +93,26 @@ def report(root, tasks, recipe="mie_recipe"):
     keys = sorted({k for params in best.values() for k in params.get(recipe, {})})
     out += [f"`{recipe}`:", "", "| task | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for task, params in best.items():
-        out.append(f"| {task} | " + " | ".join(f"{params[recipe].get(k, '–'):.3g}" for k in keys) + " |")
-    medians = {k: statistics.median(p[recipe][k] for p in best.values() if k in p[recipe]) for k in keys}
-    out.append("| median | " + " | ".join(f"{v:.3g}" for v in medians.values()) + " |")
+        out.append(f"| {task} | " + " | ".join(_value(params[recipe].get(k, '–')) for k in keys) + " |")
+    medians = [_median([p[recipe][k] for p in best.values() if k in p[recipe]]) for k in keys]
+    out.append("| median | " + " | ".join(map(_value, medians)) + " |")
     for method in methods:
         if method != recipe:
             out += ["", f"`{method}`: " + "; ".join(
-                f"{task} " + ", ".join(f"{k} {v:.3g}" for k, v in params[method].items()) for task, params in best.items())]
+                f"{task} " + ", ".join(f"{k} {_value(v)}" for k, v in params[method].items()) for task, params in best.items())]
     return "\n".join(out) + "\n"
+
+
+def _value(v):
+    """A parameter's value as the tables print it: numbers to 3 significant digits."""
+    return f"{v:.3g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _median(values):
+    """The median of numbers; of words, the most frequent."""
+    if all(isinstance(v, (int, float)) for v in values):
+        return statistics.median(values)
+    return statistics.mode(values)
 
 
 def main():
