@@ -477,6 +477,28 @@ def test_gm_lowrank_steps_as_the_dense_T():
         torch.testing.assert_close(low, dense, rtol=0, atol=1e-12)
 
 
+def test_before_its_source_is_trained_a_modality_s_gradient_is_not_multiplied_by_I():
+    """T^(k) = I until k's first stage: the hook holds a rank-0 T, no product is computed, and the step
+    is bit for bit that of MIE without GM; the logged change is 0 over the paired layers."""
+    batches = _batches(n=2, size=5, seed=24)
+    steps = {}
+    for gm in (True, False):
+        model, method = _setup(batches=batches, sam=True, gm=gm)
+        if gm:
+            assert [t.rank for t in method.gm_hooks["a"].matrices] == [0, 0, 0]
+        before = [p.detach().clone() for p in model.modality_parameters("a")]
+        method.start_epoch(0)
+        method.training_step(batches[0], make_step(0))
+        steps[gm] = [p.detach() - b for p, b in zip(model.modality_parameters("a"), before)]
+        if gm:
+            logs = method.end_epoch(0)
+            assert logs["gm_layers"] == 3 and logs["gm_grad_rel_change"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(steps[True], steps[False]))
+    _, method = _setup(batches=batches, sam=False, gm=True)
+    method.recompute(["c"])
+    assert all(isinstance(t, torch.Tensor) for t in method.gm_hooks["a"].matrices)   # a's source trained: dense T
+
+
 def test_gm_tolerance_leaves_out_the_directions_T_barely_damps():
     """gm_tolerance: each hook matrix keeps exactly the eigen-directions of numpy's Ȳ = Σ z̄ z̄ᵀ with
     1 − σ > tol (σ = exp(−τ λ/λ_max), Ȳ of rank n = 3 < d), is within tol of the exact T in spectral

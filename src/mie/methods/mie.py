@@ -443,7 +443,9 @@ class MIE(Method):
             d = input_dim(layers[-i])
             if T[-i].shape[0] == d:
                 t = T[-i]
-                if self.gm_lowrank and Z is not None:
+                if torch.equal(t, torch.eye(d, dtype=t.dtype, device=t.device)):   # e.g. k not trained yet
+                    t = LowRankModification.identity(d)                          # ∇W · I = ∇W: no product
+                elif self.gm_lowrank and Z is not None:
                     t = LowRankModification.from_means(Z[-i], self.tau, self.gm_tolerance)
                     t = t if 2 * t.rank < d else t.dense()          # else the d × d product is cheaper
                 matrices[-i] = t.to(device=p.device, dtype=p.dtype)

@@ -205,8 +205,15 @@ class LowRankModification:
     def to(self, dtype=None, device=None):
         return LowRankModification(self.U.to(dtype=dtype, device=device), self.c.to(dtype=dtype, device=device))
 
+    @classmethod
+    def identity(cls, d, dtype=torch.float64, device=None):
+        """T = I (d × d), of rank 0: the product leaves ∇W untouched."""
+        return cls(torch.zeros(d, 0, dtype=dtype, device=device), torch.zeros(0, dtype=dtype, device=device))
+
     def right_multiply_(self, G):
         """G ← G · T in place (G out × d); returns ‖G · (T − I)‖_F (= ‖G U diag(c)‖_F, U orthonormal)."""
+        if self.rank == 0:
+            return G.new_zeros(())
         coefficients = G @ self._scaled
         G.addmm_(coefficients, self._U_t)
         return coefficients.norm()
