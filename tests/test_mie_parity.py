@@ -6,6 +6,7 @@ checkpoints chosen on test), ``mie`` follows the paper; see ``mie.methods.mie``.
 objective itself (``mie_released``) is checked in tests/test_mie_method.py."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,9 +58,12 @@ def _released_P(model, batches, m):
     return P
 
 
-def test_gm_step_matches_the_released_code():
+@pytest.mark.parametrize("name, params", [("mie_gm_only", {}),
+                                           ("mie_recipe", {"sam": False, "ensemble_weight": 0.0})])
+def test_gm_step_matches_the_released_code(name, params):
     """After a's stage, b's step with GM (no SAM: the code's ρ = 1e-10 perturbs nothing) equals the
-    released update: each Linear of b whose weight has the shape of a Linear of a gets ∇W @ P.
+    released update: each Linear of b whose weight has the shape of a Linear of a gets ∇W @ P. The
+    recipe keeps the paper's GM: at λ = 0 its step is the same.
 
     # njustkmg/IJCAI25-IGM train_CREMA.py line 152: for m in modules_now: if nn.Linear: for n in modules_pre:
     # njustkmg/IJCAI25-IGM train_CREMA.py line 156: if same shape: m.weight.grad = m.weight.grad @ P_matrix[n.weight]
@@ -67,7 +71,7 @@ def test_gm_step_matches_the_released_code():
     batches = _batches()
     model = _model()
     reference = copy.deepcopy(model)
-    method = create_method("mie_gm_only", tau=TAU)
+    method = create_method(name, tau=TAU, **params)
     method.setup(model, make_context("ab", lr=LR, train_batches=batches))
     method.num_epochs(2)
     method.recompute(["a"])                        # the end of a's stage: T^(a)

@@ -13,7 +13,7 @@ Both settings remain parameters, so ``mie tune`` searches λ with τ, ρ and the
 Both variants here are ours: no authors' code exists to transcribe. Their objectives are tested
 against autograd on hand-built copies (tests/test_mie_method.py, ``ensemble_weight``;
 tests/test_ensemble_heads.py); the paper's parts they keep (SAM, GM, the stages) have their parity
-tests against the released MIE code in tests/test_mie_parity.py.
+tests against the released MIE code in tests/test_mie_parity.py (``mie_recipe`` at λ = 0 among them).
 """
 from ..models import LATE_FUSIONS
 from .base import fusion_param
