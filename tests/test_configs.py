@@ -62,3 +62,18 @@ def test_exponent_without_a_dot_is_a_number():
     assert build_config(None, ["method.rho=5e-2"])["method"]["rho"] == 0.05
     with pytest.raises(MieInputError, match="train.lr must be a number, got 'fast'"):
         build_config(None, ["train.lr=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.weight_decay=-1", "train.weight_decay must be >= 0, got -1.0"),
+    ("train.momentum=2", r"train.momentum must be in \[0, 1\), got 2.0"),
+    ("train.num_workers=-1", "train.num_workers must be >= 0, got -1"),
+    ("data.carve_val=-0.2", r"data.carve_val must be in \(0, 1\), got -0.2"),
+    ("model.dim=0", "model.dim must be >= 1, got 0"),
+    ("model.head_hidden=5", "model.head_hidden must be a list of layer widths >= 1"),
+    ("model.head_hidden=[256, 0]", r"model.head_hidden must be a list of layer widths >= 1, .* got \[256, 0\]"),
+])
+def test_impossible_values_are_refused_in_one_line(override, message):
+    with pytest.raises(MieInputError, match=message):
+        build_config(None, [override])
+    assert build_config(None, ["model.head_hidden=[]"])["model"]["head_hidden"] == []

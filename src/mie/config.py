@@ -208,6 +208,22 @@ def validate(cfg):
         raise MieInputError(f"train.lr_gamma must be in (0, 1], got {train['lr_gamma']}")
     if train["lr"] <= 0:
         raise MieInputError(f"train.lr must be > 0, got {train['lr']}")
+    if train["weight_decay"] < 0:
+        raise MieInputError(f"train.weight_decay must be >= 0, got {train['weight_decay']}")
+    if not 0 <= train["momentum"] < 1:
+        raise MieInputError(f"train.momentum must be in [0, 1), got {train['momentum']}")
+    if train["num_workers"] < 0:
+        raise MieInputError(f"train.num_workers must be >= 0, got {train['num_workers']}")
+    if not 0 < data["carve_val"] < 1:
+        raise MieInputError(f"data.carve_val must be in (0, 1), got {data['carve_val']}")
+    model = cfg["model"]
+    if model["dim"] < 1:
+        raise MieInputError(f"model.dim must be >= 1, got {model['dim']}")
+    hidden = model["head_hidden"]
+    if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                                               for h in hidden):
+        raise MieInputError(f"model.head_hidden must be a list of layer widths >= 1, e.g. [256, 64] "
+                            f"([] for a linear head); got {hidden!r}")
     if not isinstance(data["options"], dict):
         raise MieInputError("data.options must be a mapping of option → value, e.g. {split: standard}")
     if not isinstance(cfg["model"]["encoders"], dict):
